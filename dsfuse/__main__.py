@@ -1,0 +1,3 @@
+from dsfuse.cli import main
+
+main()

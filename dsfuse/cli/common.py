@@ -1,0 +1,162 @@
+"""What every command shares: its options, one-line errors and exit codes, output and inputs.
+
+A command is a plain function decorated with `@command`, taking the shared options as `Annotated`
+aliases (`device: DeviceOpt = "auto"`). Errors become `error: <what> (<where>)` on stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import inspect
+import json
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dsfuse.errors import DsfuseError, InputError, UsageError
+
+# Logs, tables and progress go to stderr so stdout stays clean for --json pipelines.
+console = Console(stderr=True, highlight=False)
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: the same seed repeats a run on the same device.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (JSON Lines for per-file results).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")]
+CheckpointOpt = Annotated[Path, typer.Option("--checkpoint", "-c", help="A model.safetensors file or a run directory.")]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def error_line(message: object) -> None:
+    console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+def warn(message: str, quiet: bool = False) -> None:
+    if not quiet:
+        console.print(f"warning: {message}", markup=False, soft_wrap=True)
+
+
+def command(fn: F) -> F:
+    """Turn errors into one line on stderr and the contract's exit code (a traceback only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(kwargs.get("debug"))
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except DsfuseError as e:
+            if debug:
+                traceback.print_exc()
+            error_line(e)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            error_line("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as e:  # an unexpected failure is still one line unless --debug
+            if debug:
+                traceback.print_exc()
+            detail = str(e).splitlines()[0] if str(e) else ""
+            error_line(f"{type(e).__name__}: {detail} (run again with --debug for the traceback)")
+            raise typer.Exit(1) from None
+
+    wrapper.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
+
+
+def emit_json(obj: Any) -> None:
+    """One JSON object on one line of stdout."""
+    sys.stdout.write(json.dumps(obj, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def print_table(title: str, columns: list[str], rows: Iterable[Iterable[Any]]) -> None:
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*(format_value(v) for v in row))
+    console.print(table)
+
+
+def format_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def expand_inputs(inputs: Iterable[str | Path], suffixes: Iterable[str] | None = None) -> list[Path]:
+    """Files, folders (searched recursively for `suffixes`), globs, and `-` (paths from stdin), in order.
+
+    A path that does not exist is kept, so the command reports it as a per-file failure.
+    """
+    exts = {s.lower() for s in suffixes} if suffixes else None
+    out: list[Path] = []
+    for item in inputs:
+        item = str(item)
+        if item == "-":
+            out += expand_inputs([line.strip() for line in sys.stdin if line.strip()], suffixes)
+        elif Path(item).is_dir():
+            out += sorted(p for p in Path(item).rglob("*")
+                          if p.is_file() and (exts is None or p.suffix.lower() in exts))
+        elif any(ch in item for ch in "*?[") and not Path(item).exists():
+            out += sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+        else:
+            out.append(Path(item))
+    if not out:
+        raise UsageError("no input files found", " ".join(map(str, inputs)) or "INPUTS")
+    return out
+
+
+def for_each_input(paths: list[Path], process: Callable[[Path], dict[str, Any]], *, as_json: bool,
+                   quiet: bool = False, desc: str = "files") -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Run `process` per file; failures are reported as one line each and the rest go on.
+
+    Yields (path, result) for successes; raises typer.Exit(1) at the end if any file failed.
+    With --json each result is also printed as one JSON line `{"file": ..., **result}`.
+    """
+    from tqdm import tqdm
+
+    failed = 0
+    for path in tqdm(paths, desc=desc, disable=quiet or len(paths) < 2, leave=False, file=sys.stderr):
+        try:
+            if not path.exists():
+                raise InputError("file not found", path)
+            result = process(path)
+        except UsageError:
+            raise
+        except DsfuseError as e:
+            failed += 1
+            error_line(e if e.where is not None else f"{e} ({path})")
+            continue
+        except Exception as e:  # a decoder's own exception is still this file's failure only
+            failed += 1
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            error_line(f"{detail} ({path})")
+            continue
+        if as_json:
+            emit_json({"file": str(path), **result})
+        yield path, result
+    if failed:
+        raise typer.Exit(1)

@@ -1,0 +1,442 @@
+"""The one training loop every trainer uses.
+
+AdamW with warmup + cosine decay, gradient clipping and accumulation, AMP on CUDA, EMA weights,
+a progress bar, `metrics.jsonl`, checkpoints every N steps and at the end, Ctrl-C that saves,
+exact `--resume`, and data parallelism through DDP under `torchrun`.
+
+A trainer supplies a model, a dataset and a loss function; the engine owns everything else:
+
+    result = fit(model, dataset, loss_fn, TrainConfig(steps=1000), run_dir, kind="vqvae", config=cfg)
+
+Exact resume: the batch order is a function of (seed, step) and the RNG states are saved, so N steps,
+then `--resume` for N more, gives the same weights as 2N steps at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from tqdm import tqdm
+
+from dsfuse.checkpoint import MODEL_FILE, save_checkpoint
+from dsfuse.device import amp_dtype, seed_everything
+from dsfuse.errors import UsageError
+from dsfuse.io import atomic_path
+
+STATE_FILE = "train_state.pt"
+METRICS_FILE = "metrics.jsonl"
+
+LossOutput = torch.Tensor | tuple[torch.Tensor, Mapping[str, float]]
+LossFn = Callable[[nn.Module, Any], LossOutput]
+EvalFn = Callable[[nn.Module, int], Mapping[str, float]]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # per process and micro-batch; an optimizer step sees batch_size * grad_accum * world
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+    ema_decay: float | None = None  # e.g. 0.999; the EMA weights are what model.safetensors holds
+    amp: bool = True  # used on CUDA only
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 0  # 0: only at the end
+    num_workers: int = 0
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}",
+                                 f"--{name.replace('_', '-')}")
+        if not self.lr > 0:
+            raise UsageError(f"learning rate must be positive, got {self.lr}", "--lr")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- distribution
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Distributed:
+    """Join the process group torchrun set up (gloo on CPU, NCCL on CUDA); a no-op otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def distributed_device(device: torch.device) -> torch.device:
+    """Under torchrun each process takes the GPU of its local rank."""
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return device
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Yields this rank's indices for steps `start..steps-1`; the order depends only on (seed, step).
+
+    Each epoch is a permutation seeded by (seed, epoch); a step takes the next `global_batch` indices,
+    wrapping into the next epoch, so any step can be reached without replaying the ones before it.
+    """
+
+    def __init__(self, n: int, global_batch: int, steps: int, seed: int, dist_info: Distributed,
+                 start: int = 0, shuffle: bool = True):
+        self.n, self.global_batch, self.steps, self.seed = n, global_batch, steps, seed
+        self.dist, self.start, self.shuffle = dist_info, start, shuffle
+
+    def _epoch(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+
+    def indices_for_step(self, step: int) -> list[int]:
+        first = step * self.global_batch
+        out: list[int] = []
+        while len(out) < self.global_batch:
+            epoch, offset = divmod(first + len(out), self.n)
+            take = min(self.n - offset, self.global_batch - len(out))
+            out += self._epoch(epoch)[offset:offset + take].tolist()
+        per_rank = self.global_batch // self.dist.world
+        return out[self.dist.rank * per_rank:(self.dist.rank + 1) * per_rank]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.steps):
+            yield self.indices_for_step(step)
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+
+# --------------------------------------------------------------------------- helpers
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) batch to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def split_batch(batch: Any, parts: int) -> list[Any]:
+    """Split a collated batch into `parts` micro-batches along the first dimension."""
+    if parts == 1:
+        return [batch]
+    if isinstance(batch, torch.Tensor):
+        return list(batch.chunk(parts))
+    if isinstance(batch, Mapping):
+        pieces = {k: split_batch(v, parts) for k, v in batch.items()}
+        return [{k: v[i] for k, v in pieces.items()} for i in range(parts)]
+    if isinstance(batch, (list, tuple)):
+        pieces = [split_batch(v, parts) for v in batch]
+        return [type(batch)(p[i] for p in pieces) for i in range(parts)]
+    return [batch] * parts
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to `min_lr_ratio`."""
+    warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(cfg.steps - warmup, 1)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, (DistributedDataParallel, AveragedModel)) else model
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a run's metrics.jsonl."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def prepare_run_dir(run_dir: str | os.PathLike, resume: bool, force: bool) -> Path:
+    """Create RUN_DIR; refuse to start over an existing run unless `--force`, or to resume nothing."""
+    run_dir = Path(run_dir)
+    has_run = (run_dir / STATE_FILE).exists() or (run_dir / MODEL_FILE).exists()
+    if resume:
+        if not (run_dir / STATE_FILE).exists():
+            raise UsageError(f"nothing to resume: no {STATE_FILE}", run_dir)
+    elif has_run and not force:
+        raise UsageError("run directory already holds a run; pass --resume to continue or --force to start over",
+                         run_dir)
+    elif has_run:
+        for name in (STATE_FILE, MODEL_FILE, METRICS_FILE):
+            (run_dir / name).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+# --------------------------------------------------------------------------- the loop
+
+class Trainer:
+    """Holds the state of one training run; `fit()` below is the usual entry point."""
+
+    def __init__(self, model: nn.Module, dataset: Dataset, loss_fn: LossFn, cfg: TrainConfig,
+                 run_dir: Path, *, kind: str, config: Any, device: torch.device,
+                 evaluate: EvalFn | None = None, collate_fn: Callable[[list], Any] | None = None,
+                 extra_meta: dict[str, Any] | None = None):
+        self.cfg, self.run_dir, self.kind, self.model_config = cfg, Path(run_dir), kind, config
+        self.loss_fn, self.evaluate, self.extra_meta = loss_fn, evaluate, extra_meta
+        self.device = distributed_device(device)
+        self.dist = init_distributed(self.device)
+        if cfg.batch_size * cfg.grad_accum * self.dist.world < 1 or len(dataset) == 0:  # type: ignore[arg-type]
+            raise UsageError("the training set is empty")
+        self.dataset, self.collate_fn = dataset, collate_fn or default_collate
+
+        self.model = model.to(self.device)
+        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+                    if cfg.ema_decay else None)
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=cfg.betas, fused=self.device.type == "cuda")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.amp_dtype = amp_dtype(self.device) if cfg.amp else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.net: nn.Module = (DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                                       if self.device.type == "cuda" else None)
+                               if self.dist.world > 1 else self.model)
+        self.step = 0
+        self.stop_requested = False
+
+    def request_stop(self) -> None:
+        """Finish the current step, save, and return (what the first Ctrl-C does)."""
+        self.stop_requested = True
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.request_stop()
+        if self.dist.is_main and not self.cfg.quiet:
+            print("\nstopping after this step and saving (Ctrl-C again to abort without saving)", file=sys.stderr)
+
+    # ---- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(),
+            "train_config": asdict(self.cfg),
+        }
+
+    def load_state(self) -> None:
+        path = self.run_dir / STATE_FILE
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:  # a damaged state file is the user's to fix, not a traceback
+            raise UsageError(f"cannot read training state ({type(e).__name__})", path) from None
+        self.model.load_state_dict(state["model"])
+        if self.ema and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]
+        rng["torch"] = rng["torch"].cpu()
+        _set_rng_state(rng)
+        self.step = int(state["step"])
+        if self.dist.is_main:  # forget metrics logged after the checkpoint: they will be logged again
+            kept = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= self.step]
+            self._rewrite_metrics(kept)
+
+    def inference_model(self) -> nn.Module:
+        """The weights to evaluate and ship: EMA when enabled."""
+        return self.ema.module if self.ema else self.model
+
+    def save(self) -> None:
+        """Write train_state.pt and model.safetensors atomically (main process only)."""
+        if not self.dist.is_main:
+            return
+        with atomic_path(self.run_dir / STATE_FILE) as tmp:
+            torch.save(self.state_dict(), tmp)
+        save_checkpoint(self.run_dir / MODEL_FILE, self.inference_model(), self.kind, self.model_config,
+                        extra=self.extra_meta)
+
+    # ---- metrics
+    def _rewrite_metrics(self, records: Sequence[Mapping[str, Any]]) -> None:
+        with atomic_path(self.run_dir / METRICS_FILE) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        if self.dist.is_main:
+            with open(self.run_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps({"step": self.step, **record}) + "\n")
+
+    def run_evaluation(self) -> dict[str, float]:
+        if not (self.evaluate and self.dist.is_main):
+            return {}
+        model = self.inference_model()
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            metrics = {k: float(v) for k, v in self.evaluate(model, self.step).items()}
+        model.train(was_training)
+        if metrics:
+            self.log({"eval": metrics})
+        return metrics
+
+    # ---- the step
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, batch: Any) -> dict[str, float]:
+        cfg = self.cfg
+        self.net.train()
+        totals: dict[str, float] = {}
+        micro_batches = split_batch(batch, cfg.grad_accum)
+        for i, micro in enumerate(micro_batches):
+            sync = i == len(micro_batches) - 1 or self.dist.world == 1
+            with (nullcontext() if sync else self.net.no_sync()), self._autocast():
+                out = self.loss_fn(self.net, to_device(micro, self.device))
+                loss, extras = (out, {}) if isinstance(out, torch.Tensor) else out
+                self.scaler.scale(loss / len(micro_batches)).backward()
+            totals["loss"] = totals.get("loss", 0.0) + loss.detach().item() / len(micro_batches)
+            for k, v in extras.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / len(micro_batches)
+        if cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            totals["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema:
+            self.ema.update_parameters(self.model)
+        self.step += 1
+        return totals
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        cfg = self.cfg
+        if resume:
+            self.load_state()
+        else:
+            seed_everything(cfg.seed + self.dist.rank)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        start = self.step
+        global_batch = cfg.batch_size * cfg.grad_accum * self.dist.world
+        sampler = StepBatchSampler(len(self.dataset), global_batch, cfg.steps, cfg.seed, self.dist, start=start)
+        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
+                            num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
+                            persistent_workers=False)
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {self.kind}", unit="step", dynamic_ncols=True,
+                   disable=cfg.quiet or not self.dist.is_main, leave=False)
+        t0, window_t, window_n = time.perf_counter(), time.perf_counter(), 0
+        metrics: dict[str, float] = {}
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous_handler = signal.signal(signal.SIGINT, self._on_sigint) if in_main_thread else None
+        try:
+            for batch in loader:
+                stats = self.train_step(batch)
+                window_n += global_batch
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps or self.stop_requested:
+                    rate = window_n / max(time.perf_counter() - window_t, 1e-9)
+                    stats = {**stats, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate}
+                    self.log(stats)
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}", sps=f"{rate:.1f}")
+                    window_t, window_n = time.perf_counter(), 0
+                metrics = dict(stats)
+                if self.stop_requested:
+                    break
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    self.run_evaluation()
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self.save()
+        finally:
+            bar.close()
+            if in_main_thread:
+                signal.signal(signal.SIGINT, previous_handler)
+        if not self.stop_requested:
+            metrics.update({f"eval_{k}": v for k, v in self.run_evaluation().items()})
+        self.save()
+        if dist.is_initialized():
+            dist.barrier()
+        return TrainResult(self.run_dir, self.step, metrics, self.stop_requested, time.perf_counter() - t0)
+
+
+def fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, cfg: TrainConfig, run_dir: str | os.PathLike, *,
+        kind: str, config: Any, device: torch.device, resume: bool = False, evaluate: EvalFn | None = None,
+        collate_fn: Callable[[list], Any] | None = None, extra_meta: dict[str, Any] | None = None) -> TrainResult:
+    """Train `model` on `dataset` with `loss_fn(model, batch) -> loss | (loss, {name: value})`."""
+    trainer = Trainer(model, dataset, loss_fn, cfg, Path(run_dir), kind=kind, config=config, device=device,
+                      evaluate=evaluate, collate_fn=collate_fn, extra_meta=extra_meta)
+    return trainer.fit(resume=resume)

@@ -1,0 +1,29 @@
+"""The exceptions a command turns into one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+
+class DsfuseError(Exception):
+    """A failure the user can act on; `where` names the file or option at fault."""
+
+    exit_code = 1
+
+    def __init__(self, what: str, where: object | None = None):
+        super().__init__(what)
+        self.what = what
+        self.where = where
+
+    def __str__(self) -> str:
+        return f"{self.what} ({self.where})" if self.where is not None else self.what
+
+
+class UsageError(DsfuseError):
+    """Bad option or unusable input: exit code 2."""
+
+    exit_code = 2
+
+
+class InputError(DsfuseError):
+    """One input (file) could not be processed: exit code 1, the others go on."""
+
+    exit_code = 1

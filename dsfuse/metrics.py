@@ -1,0 +1,58 @@
+"""Metrics shared by the commands: image fidelity, classification quality."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio per image in dB; images [B, C, H, W] in [-1, 1] (range 2)."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    return 10 * torch.log10(data_range**2 / mse)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Structural similarity per image (Gaussian window, Wang et al. 2004); [B, C, H, W]."""
+    x, y = x.float(), y.float()
+    coords = torch.arange(window, dtype=torch.float32, device=x.device) - window // 2
+    g = torch.exp(-coords**2 / (2 * sigma**2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(x.shape[1], 1, window, window)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, kernel, groups=x.shape[1])
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return s.flatten(1).mean(1)
+
+
+def confusion_matrix(true: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[num_classes, num_classes] counts; rows are true classes, columns predictions."""
+    idx = true.long() * num_classes + pred.long()
+    return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def accuracy(true: torch.Tensor, pred: torch.Tensor) -> float:
+    return float((true == pred).float().mean()) if len(true) else 0.0
+
+
+def per_class_f1(matrix: torch.Tensor) -> torch.Tensor:
+    """F1 per class from a confusion matrix."""
+    m = matrix.float()
+    tp = m.diag()
+    precision = tp / m.sum(0).clamp_min(1)
+    recall = tp / m.sum(1).clamp_min(1)
+    return 2 * precision * recall / (precision + recall).clamp_min(1e-12)
+
+
+def codebook_usage(indices: torch.Tensor, codebook_size: int) -> tuple[float, float]:
+    """(fraction of codes used, perplexity of the code distribution) over a set of token indices."""
+    counts = torch.bincount(indices.flatten().long(), minlength=codebook_size).float()
+    probs = counts / counts.sum().clamp_min(1)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
+    return float((counts > 0).float().mean()), float(entropy.exp())

@@ -1,0 +1,1 @@
+"""Assembled models, each a class taking one config dataclass (`Class.Config`)."""

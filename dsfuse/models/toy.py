@@ -1,0 +1,28 @@
+"""A tiny regressor: the smallest model that exercises checkpoints and the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ToyConfig:
+    in_features: int = 8
+    hidden: int = 32
+    out_features: int = 1
+
+
+class ToyRegressor(nn.Module):
+    Config = ToyConfig
+
+    def __init__(self, config: ToyConfig):
+        super().__init__()
+        self.config = config
+        self.net = nn.Sequential(nn.Linear(config.in_features, config.hidden), nn.SiLU(),
+                                 nn.Dropout(0.1), nn.Linear(config.hidden, config.out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

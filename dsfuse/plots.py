@@ -1,0 +1,77 @@
+"""Plots a person would rather look at than read: training curves from metrics.jsonl."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dsfuse.io import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    plt = _pyplot()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) for `key`, looking inside nested dicts such as {"eval": {...}} too."""
+    steps, values = [], []
+    for r in records:
+        source = r if key in r else r.get("eval", {})
+        if isinstance(source, Mapping) and isinstance(source.get(key), (int, float)):
+            steps.append(r["step"])
+            values.append(float(source[key]))
+    return steps, values
+
+
+def plot_curves(records: Sequence[Mapping[str, Any]], keys: Sequence[str], path: str | Path,
+                title: str = "training", log_keys: Sequence[str] = ("loss",)) -> Path:
+    """One panel per metric in `keys`, against the training step."""
+    plt = _pyplot()
+    present = [k for k in keys if _series(records, k)[0]]
+    fig, axes = plt.subplots(1, max(len(present), 1), figsize=(4.2 * max(len(present), 1), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], present):
+        steps, values = _series(records, key)
+        ax.plot(steps, values, marker="." if len(steps) < 30 else None)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        if key in log_keys and all(v > 0 for v in values):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def plot_confusion(matrix, labels: Sequence[str], path: str | Path, title: str = "confusion matrix") -> Path:
+    """A confusion-matrix heatmap with counts (rows: true, columns: predicted)."""
+    import numpy as np
+
+    plt = _pyplot()
+    m = np.asarray(matrix)
+    size = max(3.5, 0.55 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, str(int(m[i, j])), ha="center", va="center",
+                    color="white" if m[i, j] > m.max() / 2 else "black", fontsize=8)
+    ax.set_title(title)
+    return save_figure(fig, path)
