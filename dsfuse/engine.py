@@ -197,7 +197,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # Plain tensors and numbers only, so the file loads with torch.load(weights_only=True).
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -205,7 +209,8 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -396,7 +401,9 @@ class Trainer:
         sampler = StepBatchSampler(len(self.dataset), global_batch, cfg.steps, cfg.seed, self.dist, start=start)
         loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
                             num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
-                            persistent_workers=False)
+                            # Its own generator: creating the iterator must not draw from the global RNG,
+                            # or a resumed run would diverge from an uninterrupted one.
+                            generator=torch.Generator().manual_seed(cfg.seed + start))
         bar = tqdm(total=cfg.steps, initial=start, desc=f"train {self.kind}", unit="step", dynamic_ncols=True,
                    disable=cfg.quiet or not self.dist.is_main, leave=False)
         t0, window_t, window_n = time.perf_counter(), time.perf_counter(), 0

@@ -13,6 +13,7 @@ class ToyConfig:
     in_features: int = 8
     hidden: int = 32
     out_features: int = 1
+    dropout: float = 0.1
 
 
 class ToyRegressor(nn.Module):
@@ -22,7 +23,7 @@ class ToyRegressor(nn.Module):
         super().__init__()
         self.config = config
         self.net = nn.Sequential(nn.Linear(config.in_features, config.hidden), nn.SiLU(),
-                                 nn.Dropout(0.1), nn.Linear(config.hidden, config.out_features))
+                                 nn.Dropout(config.dropout), nn.Linear(config.hidden, config.out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

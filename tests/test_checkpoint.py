@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsfuse.checkpoint import MODEL_KINDS, load_checkpoint, read_metadata, save_checkpoint
+from dsfuse.errors import UsageError
+from dsfuse.models.toy import ToyConfig, ToyRegressor
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = ToyRegressor(ToyConfig(in_features=5, hidden=7))
+    path = save_checkpoint(tmp_path / "model.safetensors", model, "toy", model.config, extra={"classes": ["a"]})
+    return model, path
+
+
+def test_round_trip_rebuilds_from_config_alone(saved):
+    model, path = saved
+    loaded, meta = load_checkpoint(path, kind="toy")
+    assert meta["kind"] == "toy" and meta["config"]["hidden"] == 7 and meta["extra"] == {"classes": ["a"]}
+    x = torch.randn(3, 5)
+    assert torch.equal(model.eval()(x), loaded(x))
+
+
+def test_run_directory_stands_for_its_model_file(saved):
+    _, path = saved
+    loaded, _ = load_checkpoint(path.parent)
+    assert isinstance(loaded, ToyRegressor)
+
+
+def test_wrong_kind_is_refused(saved, monkeypatch):
+    _, path = saved
+    with pytest.raises(UsageError, match="holds a 'toy' model, expected vqvae"):
+        load_checkpoint(path, kind="vqvae")
+
+
+def test_truncated_file_is_refused(saved):
+    _, path = saved
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UsageError) as err:
+        load_checkpoint(path)
+    assert err.value.exit_code == 2
+
+
+def test_garbage_and_pickle_files_are_refused(tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"this is not a checkpoint at all")
+    with pytest.raises(UsageError, match="not a readable safetensors"):
+        read_metadata(junk)
+    pickled = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2)}, pickled)
+    with pytest.raises(UsageError, match="refusing a pickle"):
+        load_checkpoint(pickled)
+
+
+def test_safetensors_without_dsfuse_metadata_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, path)
+    with pytest.raises(UsageError, match="not a dsfuse checkpoint"):
+        load_checkpoint(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UsageError, match="not found"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_atomic_write_leaves_old_file_on_failure(saved, monkeypatch):
+    model, path = saved
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("dsfuse.checkpoint._save_weights", boom)
+    with pytest.raises(RuntimeError):
+        save_checkpoint(path, model, "toy", model.config)
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == ["model.safetensors"]
+
+
+def test_every_registered_kind_points_at_a_model_with_a_config():
+    from dsfuse.checkpoint import model_class
+
+    for kind in MODEL_KINDS:
+        cls = model_class(kind)
+        assert hasattr(cls, "Config"), kind

@@ -1,0 +1,64 @@
+"""The command-line contract every command follows (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import assert_one_line_error, run_cli
+
+
+def _all_commands() -> list[list[str]]:
+    from typer.main import get_command
+
+    from dsfuse.cli import app
+
+    root = get_command(app)
+    paths = []
+    for name, cmd in root.commands.items():
+        sub = getattr(cmd, "commands", None)
+        paths += [[name, s] for s in sub] if sub else [[name]]
+    return paths
+
+
+@pytest.mark.parametrize("path", _all_commands(), ids=lambda p: " ".join(p))
+def test_every_command_has_help_with_example_and_device(path):
+    proc = run_cli(*path, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "Example" in proc.stdout, f"--help of {' '.join(path)} shows no example"
+    assert "--device" in proc.stdout and "--json" in proc.stdout
+
+
+def test_version():
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("dsfuse ")
+
+
+def test_info_json_reports_ops_loading():
+    proc = run_cli("info", "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["ops"]["torchvision"]["ok"] and info["ops"]["torchaudio"]["ok"]
+    assert info["device"] in info["devices"]
+    assert info["versions"]["torch"].startswith("2.")
+
+
+def test_unavailable_device_is_one_line_exit_2():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert_one_line_error(run_cli("info", "--device", "cuda"), 2, "cuda")
+    assert_one_line_error(run_cli("info", "--device", "tpu"), 2, "device")
+
+
+def test_usage_errors_are_one_line_exit_2():
+    assert_one_line_error(run_cli("info", "--no-such-option"), 2, "no such option")
+    assert_one_line_error(run_cli("no-such-command"), 2, "no such command")
+
+
+def test_demo_refuses_non_empty_out_without_force(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    assert_one_line_error(run_cli("demo", "--out", tmp_path), 2, "--force")
+    assert (tmp_path / "keep.txt").exists()
