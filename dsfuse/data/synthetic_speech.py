@@ -8,7 +8,7 @@ voices nor sentences with the training half.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -66,8 +66,12 @@ def synthesize_clip(text: str, prosody: Prosody, rng: np.random.Generator,
 
 
 def write_synthetic_set(out: Path, voices: Sequence[str], sentences: Sequence[int],
-                        emotions: Sequence[str] = tuple(EMOTION_PROSODY), seed: int = 0) -> list[Path]:
-    """Write every (emotion, voice, sentence) clip as OUT/<emotion>/<voice>_s<NN>.wav; return the paths."""
+                        emotions: Sequence[str] = tuple(EMOTION_PROSODY), seed: int = 0,
+                        on_clip: Callable[[Path], None] | None = None) -> list[Path]:
+    """Write every (emotion, voice, sentence) clip as OUT/<emotion>/<voice>_s<NN>.wav; return the paths.
+
+    `on_clip(path)` is called after each clip (for a progress bar).
+    """
     unknown = [e for e in emotions if e not in EMOTION_PROSODY]
     if unknown:
         raise UsageError(f"unknown emotion {unknown[0]!r}; choose from {', '.join(EMOTION_PROSODY)}", "--emotions")
@@ -81,6 +85,8 @@ def write_synthetic_set(out: Path, voices: Sequence[str], sentences: Sequence[in
                 prosody = _jittered(EMOTION_PROSODY[emotion], voice, rng)
                 path = out / emotion / f"{voice}_s{sentence:02d}.wav"
                 written.append(write_audio(path, synthesize_clip(SENTENCES[sentence], prosody, rng), SAMPLE_RATE))
+                if on_clip is not None:
+                    on_clip(path)
     return written
 
 
