@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from dsfuse.cli.common import (CheckpointOpt, DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, SeedOpt,
-                               command, console, emit_json, expand_inputs, for_each_input, print_table, warn)
+                               command, console, emit_json, expand_inputs, for_each_input, print_table,
+                               report_training, warn)
 from dsfuse.errors import InputError, UsageError
 
 if TYPE_CHECKING:
@@ -51,6 +52,17 @@ def load_clip_features(clips: Sequence[LabelledClip], mel: LogMel, quiet: bool, 
         features.append(mel(trim_silence(wave, mel.cfg.sample_rate)))
         kept.append(clip)
     return features, kept
+
+
+def split_for_training(data: Path, labels: str, split_by: str, heldout: Path | None, heldout_fraction: float,
+                       seed: int) -> tuple[list[LabelledClip], list[LabelledClip]]:
+    """(training, held-out) clips: a separate held-out folder, or a split of DATA."""
+    from dsfuse.data.emotion_speech import find_labelled_clips, split_clips
+
+    clips = find_labelled_clips(data, labels)
+    if heldout is not None:
+        return clips, find_labelled_clips(heldout, labels)
+    return split_clips(clips, split_by, heldout_fraction, seed)
 
 
 def classify(model: AudioEmotionClassifier, features: Sequence[torch.Tensor], device: torch.device,
@@ -107,15 +119,15 @@ def train(
                                                  "instead of splitting DATA.")] = None,
     heldout_fraction: Annotated[float, typer.Option("--heldout-fraction", help="Share of DATA (clips or speakers) "
                                                     "held out.")] = 0.2,
-    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 600,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Clips per step.")] = 32,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 300,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Clips per step.")] = 16,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (warmup, then cosine decay).")] = 1e-3,
-    dim: Annotated[int, typer.Option("--dim", help="Model width.")] = 128,
-    depth: Annotated[int, typer.Option("--depth", help="Transformer blocks.")] = 3,
+    dim: Annotated[int, typer.Option("--dim", help="Model width.")] = 96,
+    depth: Annotated[int, typer.Option("--depth", help="Transformer blocks.")] = 2,
     ffn: Annotated[str, typer.Option("--ffn", help="Feed-forward of each block: swiglu or moe.")] = "swiglu",
     n_mels: Annotated[int, typer.Option("--n-mels", help="Mel bands (64-80).")] = 64,
     crop_seconds: Annotated[float, typer.Option("--crop-seconds", help="Training crop length; held-out clips "
-                                                "are classified whole.")] = 3.0,
+                                                "are classified whole.")] = 2.0,
     eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate every N steps (0: at the end).")] = 0,
     resume: ResumeOpt = False,
     device: DeviceOpt = "auto",
@@ -192,16 +204,13 @@ def train(
                  extra_meta={"classes": classes, "labels": labels})
     plot_curves(read_metrics(run_dir), ["loss", "train_acc", "accuracy", "macro_f1"], run_dir / "curves.png",
                 title="audio-emotion", log_keys=("loss",))
-    summary = {"run_dir": str(run_dir), "steps": result.step, "seconds": round(result.seconds, 1),
-               "classes": classes, "train_clips": len(train_clips), "heldout_clips": len(heldout_clips),
+    summary = {"classes": classes, "train_clips": len(train_clips), "heldout_clips": len(heldout_clips),
                "split": "heldout folder" if heldout else split_by, **report}
-    if json:
-        emit_json(summary)
-    else:
-        print_table(f"audio-emotion held-out results ({len(heldout_clips)} clips) -> {run_dir}",
-                    ["class", "F1", "clips"],
-                    [(c, report["f1"][c], int((heldout_true == i).sum())) for i, c in enumerate(classes)]
-                    + [("accuracy", report["accuracy"], len(heldout_clips))])
+    if not json and report:
+        print_table(f"audio-emotion held-out F1 ({len(heldout_clips)} clips)", ["class", "F1", "clips"],
+                    [(c, report["f1"][c], int((heldout_true == i).sum())) for i, c in enumerate(classes)])
+        summary = {k: v for k, v in summary.items() if k not in ("f1", "confusion", "classes")}
+    report_training(result, summary, json)
 
 
 # --------------------------------------------------------------------------- predict

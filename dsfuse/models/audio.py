@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -54,18 +55,25 @@ def subsampled_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 class ConvSubsampling(nn.Module):
-    """Two stride-2 3x3 convolutions over (time, mel): 4x fewer frames, each projected to `dim`."""
+    """Two stride-2 3x3 convolutions over (time, mel): 4x fewer frames, each projected to `dim`.
+
+    Padding frames are zeroed before each convolution, so a clip's features do not depend on how
+    much padding its batch needed.
+    """
 
     def __init__(self, n_mels: int, channels: int, dim: int):
         super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(1, channels, 3, stride=2, padding=1), nn.GELU(),
-                                  nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.GELU())
-        mels_out = (n_mels + 3) // 4
-        self.proj = nn.Linear(channels * mels_out, dim)
+        self.conv1 = nn.Conv2d(1, channels, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.proj = nn.Linear(channels * ((n_mels + 3) // 4), dim)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.conv(rearrange(features * mask[..., None], "b t m -> b 1 t m"))
-        return self.proj(rearrange(x, "b c t m -> b t (c m)")), subsampled_mask(subsampled_mask(mask))
+        x = rearrange(features * mask[..., None], "b t m -> b 1 t m")
+        mask = subsampled_mask(mask)
+        x = F.gelu(self.conv1(x)) * rearrange(mask, "b t -> b 1 t 1")
+        mask = subsampled_mask(mask)
+        x = F.gelu(self.conv2(x))
+        return self.proj(rearrange(x, "b c t m -> b t (c m)")), mask
 
 
 class AudioEncoder(nn.Module):
