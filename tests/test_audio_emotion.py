@@ -173,6 +173,18 @@ def test_padding_does_not_change_a_clips_logits():
     torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-4)
 
 
+def test_moe_feed_forward_trains_with_its_aux_loss():
+    from dsfuse.nn.moe import moe_aux_loss
+
+    model = tiny_model(ffn="moe", n_experts=4, top_k=2).train()
+    logits = model(torch.randn(3, 40, 64))
+    loss = logits.logsumexp(-1).mean() + moe_aux_loss(model)
+    loss.backward()
+    assert float(moe_aux_loss(model).detach()) > 0
+    assert model.encoder.blocks[0].ffn.experts is not None and all(
+        p.grad is not None for p in model.encoder.blocks[0].ffn.router.parameters())
+
+
 def test_dataset_crops_training_clips():
     data = LogMelClips([torch.randn(500, 64), torch.randn(50, 64)], [0, 1], crop_frames=200, augment=True)
     assert data[0][0].shape == (200, 64) and data[1][0].shape == (50, 64) and int(data[1][1]) == 1

@@ -149,6 +149,7 @@ def train(
     from dsfuse.device import seed_everything, select_device
     from dsfuse.engine import TrainConfig, fit, prepare_run_dir, read_metrics
     from dsfuse.models.audio import FFN_KINDS, AudioConfig, AudioEmotionClassifier
+    from dsfuse.nn.moe import moe_aux_loss
     from dsfuse.plots import plot_confusion, plot_curves
 
     if not 64 <= n_mels <= 80:
@@ -189,7 +190,11 @@ def train(
     def loss_fn(net, batch):
         logits = net(batch["features"], batch["mask"])
         loss = F.cross_entropy(logits, batch["labels"], label_smoothing=0.05)
-        return loss, {"train_acc": float((logits.argmax(-1) == batch["labels"]).float().mean())}
+        stats = {"train_acc": float((logits.argmax(-1) == batch["labels"]).float().mean())}
+        if ffn == "moe":  # keep the experts evenly loaded
+            aux = moe_aux_loss(net)
+            loss, stats["moe_aux"] = loss + aux, float(aux)
+        return loss, stats
 
     report: dict[str, Any] = {}
 

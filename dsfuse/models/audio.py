@@ -1,5 +1,6 @@
 """Speech-emotion classifier over log-mel features: convolutional subsampling, transformer blocks
 with MLA attention (decoupled RoPE) and a SwiGLU or MoE feed-forward, attention pooling, a linear head.
+With ffn="moe", train on task loss + `dsfuse.nn.moe.moe_aux_loss(model)`.
 
 `AudioEncoder` (features [B, T, n_mels] + mask -> sequence [B, T/4, dim] + mask) is usable on its own,
 e.g. as the audio branch of an audio-visual fusion model.
@@ -15,6 +16,7 @@ from einops import rearrange
 from torch import nn
 
 from dsfuse.nn.attention import AttentionConfig
+from dsfuse.nn.moe import MoEConfig
 from dsfuse.nn.transformer import TransformerBlock
 
 FFN_KINDS = ("swiglu", "moe")
@@ -35,6 +37,7 @@ class AudioConfig:
     v_head_dim: int = 32
     ffn: str = "swiglu"  # swiglu | moe
     ffn_hidden: int = 256
+    # MoE (ffn="moe"): one shared expert plus n_experts routed ones, each of width ffn_hidden / 2
     n_experts: int = 4
     top_k: int = 2
     dropout: float = 0.1
@@ -86,8 +89,10 @@ class AudioEncoder(nn.Module):
         attention = AttentionConfig(dim=cfg.dim, n_heads=cfg.n_heads, kind="mla", kv_lora_rank=cfg.kv_lora_rank,
                                     qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
                                     v_head_dim=cfg.v_head_dim, dropout=cfg.dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(cfg.dim, attention, ffn=cfg.ffn, ffn_hidden=cfg.ffn_hidden)
-                                    for _ in range(cfg.depth))
+        moe = (MoEConfig(dim=cfg.dim, n_experts=cfg.n_experts, top_k=cfg.top_k, n_shared=1,
+                         expert_hidden=cfg.ffn_hidden // 2) if cfg.ffn == "moe" else None)
+        self.blocks = nn.ModuleList(TransformerBlock(cfg.dim, attention, ffn=cfg.ffn, ffn_hidden=cfg.ffn_hidden,
+                                                     moe=moe) for _ in range(cfg.depth))
         self.dropout = nn.Dropout(cfg.dropout)
         self.norm = nn.RMSNorm(cfg.dim)
 
