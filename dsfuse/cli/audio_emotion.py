@@ -28,6 +28,7 @@ app = typer.Typer(help="Speech emotion: train on labelled clips, predict labels 
                   no_args_is_help=True)
 
 MIN_SEGMENT_SECONDS, MAX_SEGMENT_SECONDS = 0.1, 60.0
+WHOLE_FILE_WINDOW_FRAMES = 3000  # 30 s of 10 ms log-mel frames
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -223,12 +224,18 @@ def train(
 def predict_file(path: Path, model: AudioEmotionClassifier, classes: list[str], mel: LogMel,
                  device: torch.device) -> dict[str, Any]:
     """One label for a whole file: decoded, trimmed of silence, classified."""
+    import torch
+
     from dsfuse.data.audio import is_silent, load_audio, trim_silence
 
     wave = load_audio(path, mel.cfg.sample_rate)
     if is_silent(wave):
         raise InputError("audio is silent: nothing to classify", path)
-    probs = classify(model, [mel(trim_silence(wave, mel.cfg.sample_rate))], device)[0]
+    features = mel(trim_silence(wave, mel.cfg.sample_rate))
+    # Long files: classify 30 s windows and average by length, so attention never spans a whole hour.
+    windows = list(features.split(WHOLE_FILE_WINDOW_FRAMES))
+    weights = torch.tensor([len(w) for w in windows], dtype=torch.float32)
+    probs = (classify(model, windows, device) * weights[:, None]).sum(0) / weights.sum()
     best = int(probs.argmax())
     return {"label": classes[best], "score": round(float(probs[best]), 4),
             "probabilities": {c: round(float(p), 4) for c, p in zip(classes, probs)},
