@@ -7,7 +7,7 @@
 2. Memory: `predict --segment 2` on files of growing length (peak RSS of the process), against a
    reference that decodes the whole file first and then classifies the same segments.
 
-    python bench/audio_emotion.py                      # full: 10 voices x 16 sentences, 1/3/10-minute files
+    python bench/audio_emotion.py                      # full: 20 voices x 16 sentences, 1/3/10-minute files
     python bench/audio_emotion.py --quick              # a smaller set and shorter files
 """
 
@@ -99,7 +99,7 @@ def reference_accuracy(data: Path) -> tuple[float, float] | None:
 
 def accuracy_bench(work: Path, quick: bool, steps: int) -> Path:
     data, run = work / "synthetic", work / "run"
-    voices, sentences, held_voices, held_sentences = (6, 8, 2, 2) if quick else (10, 16, 3, 4)
+    voices, sentences, held_voices, held_sentences = (8, 8, 2, 2) if quick else (20, 16, 4, 4)
     made, wall, _, _ = run_measured(dsfuse("audio-emotion", "synthetic", data, "--voices", voices, "--sentences",
                                            sentences, "--heldout-voices", held_voices, "--heldout-sentences",
                                            held_sentences, "--json", "-q", "--force"))

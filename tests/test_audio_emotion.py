@@ -138,12 +138,12 @@ def test_folder_labels_and_speaker_split_keep_speakers_apart(tmp_path):
 
 
 def test_synthetic_split_shares_no_voice_or_sentence():
-    plan = synthetic_split(10, 16, 3, 4)
+    plan = synthetic_split(20, 16, 3, 4)
     (train_voices, train_sentences), (held_voices, held_sentences) = plan["train"], plan["heldout"]
     assert len(held_voices) == 3 and set(train_voices).isdisjoint(held_voices)
     assert len(held_sentences) == 4 and set(train_sentences).isdisjoint(held_sentences)
     with pytest.raises(UsageError):
-        synthetic_split(11, 16, 3, 4)
+        synthetic_split(21, 16, 3, 4)
 
 
 # --------------------------------------------------------------------------- model

@@ -319,10 +319,10 @@ def predict(
 @command
 def synthetic(
     out: Annotated[Path, typer.Argument(help="Folder to write the synthetic set into.")],
-    voices: Annotated[int, typer.Option("--voices", help="How many espeak-ng voices (1-10).")] = 10,
+    voices: Annotated[int, typer.Option("--voices", help="How many espeak-ng voices (1-20).")] = 20,
     sentences: Annotated[int, typer.Option("--sentences", help="How many sentences (1-20).")] = 16,
     heldout_voices: Annotated[int, typer.Option("--heldout-voices", help="Voices kept for OUT/heldout only "
-                                                "(0: no split).")] = 3,
+                                                "(0: no split).")] = 4,
     heldout_sentences: Annotated[int, typer.Option("--heldout-sentences", help="Sentences kept for OUT/heldout "
                                                    "only (0: no split).")] = 4,
     emotions: Annotated[str, typer.Option("--emotions", help="Comma-separated classes.")] = "neutral,happy,sad,angry",
@@ -334,7 +334,7 @@ def synthetic(
 ) -> None:
     """Write a synthetic emotional-speech set (espeak-ng, one prosody per emotion) with held-out voices/sentences.
 
-    Example: dsfuse audio-emotion synthetic synthetic --voices 10 --sentences 16
+    Example: dsfuse audio-emotion synthetic synthetic --voices 20 --sentences 16
     """
     from tqdm import tqdm
 

@@ -17,7 +17,7 @@ import torch
 
 from dsfuse.data.audio import SAMPLE_RATE, resample
 from dsfuse.data.media import write_audio
-from dsfuse.data.speech import EMOTION_PROSODY, Prosody, list_voices, synthesize
+from dsfuse.data.speech import EMOTION_PROSODY, Prosody, synthesize
 from dsfuse.errors import UsageError
 
 # Written for this set: short, emotionally neutral statements and questions of varied length.
@@ -45,13 +45,22 @@ SENTENCES = (
 )
 
 
+# Speakers: English accents x espeak-ng speaker variants (male, female, Klatt), so that a model has to
+# hear the emotion's prosody across many pitches and timbres. Held-out voices are taken from the end.
+VOICES = (
+    "en+m1", "en-us+f1", "en-gb-scotland+m2", "en-gb-x-rp+f2", "en-029+m3", "en+f3", "en-us+m4",
+    "en-gb-scotland+f4", "en-gb-x-rp+m5", "en-029+f5", "en+m6", "en-us+klatt", "en-gb-x-rp+m7",
+    "en-us-nyc+m2", "en+klatt4", "en-gb-x-gbclan+f4", "en-us+m8", "en-029+f2", "en-gb-scotland+m6", "en+f1",
+)
+
+
 def _jittered(prosody: Prosody, voice: str, rng: np.random.Generator) -> Prosody:
     """The class prosody, varied per clip so the classes are regions rather than points."""
     return replace(prosody, voice=voice,
-                   rate=int(prosody.rate * rng.uniform(0.92, 1.08)),
-                   pitch=int(np.clip(prosody.pitch + rng.integers(-6, 7), 0, 100)),
-                   pitch_range=int(np.clip(prosody.pitch_range + rng.integers(-8, 9), 0, 100)),
-                   volume=int(prosody.volume * rng.uniform(0.9, 1.1)))
+                   rate=int(prosody.rate * rng.uniform(0.95, 1.05)),
+                   pitch=int(np.clip(prosody.pitch + rng.integers(-4, 5), 0, 100)),
+                   pitch_range=int(np.clip(prosody.pitch_range + rng.integers(-5, 6), 0, 100)),
+                   volume=int(prosody.volume * rng.uniform(0.95, 1.05)))
 
 
 def synthesize_clip(text: str, prosody: Prosody, rng: np.random.Generator,
@@ -81,7 +90,7 @@ def write_synthetic_set(out: Path, voices: Sequence[str], sentences: Sequence[in
             for sentence in sentences:
                 # one generator per clip: a clip is the same whatever else is generated with it
                 rng = np.random.default_rng([seed, sentence, list(EMOTION_PROSODY).index(emotion),
-                                             list_voices().index(voice)])
+                                             VOICES.index(voice)])
                 prosody = _jittered(EMOTION_PROSODY[emotion], voice, rng)
                 path = out / emotion / f"{voice}_s{sentence:02d}.wav"
                 written.append(write_audio(path, synthesize_clip(SENTENCES[sentence], prosody, rng), SAMPLE_RATE))
@@ -93,7 +102,7 @@ def write_synthetic_set(out: Path, voices: Sequence[str], sentences: Sequence[in
 def synthetic_split(n_voices: int, n_sentences: int, heldout_voices: int,
                     heldout_sentences: int) -> dict[str, tuple[list[str], list[int]]]:
     """{"train": (voices, sentences), "heldout": (...)} with nothing shared between the two, or {"": ...}."""
-    voices = list_voices()
+    voices = list(VOICES)
     if not 1 <= n_voices <= len(voices):
         raise UsageError(f"voices must be between 1 and {len(voices)}, got {n_voices}", "--voices")
     if not 1 <= n_sentences <= len(SENTENCES):
