@@ -326,6 +326,7 @@ def synthetic(
     heldout_sentences: Annotated[int, typer.Option("--heldout-sentences", help="Sentences kept for OUT/heldout "
                                                    "only (0: no split).")] = 4,
     emotions: Annotated[str, typer.Option("--emotions", help="Comma-separated classes.")] = "neutral,happy,sad,angry",
+    device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -339,7 +340,9 @@ def synthetic(
     from tqdm import tqdm
 
     from dsfuse.data.synthetic_speech import synthetic_split, write_synthetic_set
+    from dsfuse.device import select_device
 
+    select_device(device)  # synthesis runs on the CPU; an unavailable device is still an error
     plan = synthetic_split(voices, sentences, heldout_voices, heldout_sentences)
     classes = [e.strip() for e in emotions.split(",") if e.strip()]
     if len(classes) < 2:
