@@ -4,8 +4,8 @@
    with a reference measured on the same split in this run: logistic regression (scikit-learn) on
    each clip's mean and standard deviation of log-mel features. CPU seconds are the trainer's own
    (user + system), wall seconds include waiting for a shared machine.
-2. Memory: `predict --segment 2` on files of growing length (peak RSS of the process), against a
-   reference that decodes the whole file first and then classifies the same segments.
+2. Memory: `predict --segment 2` on 48 kHz stereo files of growing length (peak RSS of the process),
+   against a reference that decodes the whole file first and then classifies the same segments.
 
     python bench/audio_emotion.py                      # full: 20 voices x 16 sentences, 1/3/10-minute files
     python bench/audio_emotion.py --quick              # a smaller set and shorter files
@@ -128,13 +128,18 @@ def accuracy_bench(work: Path, quick: bool, steps: int) -> Path:
     return run
 
 
-def long_file(path: Path, minutes: float, source: Path) -> Path:
-    """A long recording: the synthetic clips one after another, repeated, with short pauses."""
+def long_file(path: Path, minutes: float, source: Path, rate: int = 48000) -> Path:
+    """A long recording as a recorder makes it (48 kHz stereo FLAC): the synthetic clips one after
+    another, repeated, with short pauses. Written a piece at a time."""
+    from dsfuse.data.audio import resample
+
     clips = [load_audio(p).numpy() for p in sorted(source.rglob("*.wav"))[:40]]
     pause = np.zeros(SAMPLE_RATE // 2, np.float32)
-    unit = np.concatenate([x for clip in clips for x in (clip, pause)])
-    total = int(minutes * 60 * SAMPLE_RATE)
-    with sf.SoundFile(path, "w", SAMPLE_RATE, 1, format="FLAC", subtype="PCM_16") as f:
+    unit = resample(torch.from_numpy(np.concatenate([x for clip in clips for x in (clip, pause)])), SAMPLE_RATE,
+                    rate).numpy()
+    unit = np.stack([unit, unit], axis=1)
+    total = int(minutes * 60 * rate)
+    with sf.SoundFile(path, "w", rate, 2, format="FLAC", subtype="PCM_16") as f:
         for start in range(0, total, len(unit)):
             f.write(unit[: total - start])
     return path
@@ -150,7 +155,7 @@ def memory_bench(work: Path, run: Path, minutes: list[float]) -> None:
                                                      "--segment", "2.0", "--json", "-q", "--device", "cpu"))
         _, _, _, ref_rss = run_measured([sys.executable, "-c", WHOLE_FILE_REFERENCE, str(run), str(path)])
         segments = len(streamed.stdout.splitlines()) if streamed.returncode == 0 else 0
-        table.add_row(f"{length:g} min FLAC", str(segments), f"{rss:.0f}", f"{wall:.0f}", f"{ref_rss:.0f}")
+        table.add_row(f"{length:g} min, 48 kHz stereo FLAC", str(segments), f"{rss:.0f}", f"{wall:.0f}", f"{ref_rss:.0f}")
     console.print(table)
 
 
