@@ -110,7 +110,12 @@ def test_attention_fidelity_is_one_for_lossless_merges_and_lower_for_lossy():
     base = torch.randn(1, 16, 8)
     twins = base.repeat_interleave(2, dim=1)  # every token twice: merging pairs loses nothing
     queries = torch.randn(1, 10, 8)
-    lossless = tome_tokens(twins, ratio=2)
-    assert torch.allclose(attention_fidelity(twins, lossless, queries), torch.ones(1), atol=1e-5)
-    lossy = avg_pool_tokens(base, (4, 4), (4, 4))
+    merged = tome_tokens(twins, ratio=2)
+    expanded = untome_tokens(merged.tokens, merged.source)
+    assert torch.allclose(attention_fidelity(twins, expanded, queries), torch.ones(1), atol=1e-5)
+    # Over the expanded tokens is the same as proportional attention over the merged ones.
+    assert torch.allclose(proportional_attention(queries, expanded, expanded),
+                          proportional_attention(queries, merged.tokens, merged.tokens, merged.sizes), atol=1e-5)
+    pooled = avg_pool_tokens(base, (4, 4), (4, 4))
+    lossy = unpool_tokens(pooled.tokens, (4, 4), (4, 4))
     assert attention_fidelity(base, lossy, queries).item() < 0.99

@@ -7,6 +7,8 @@ learn to do well (a reconstruction objective).
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -120,3 +122,48 @@ def expand(compressed: Compressed, grid: Grid | None, method: str, ratio: float,
     if method == "pool":
         return unpool_tokens(compressed.tokens, grid, pool_kernel(ratio))
     return model.expand(compressed.tokens)
+
+
+# --------------------------------------------------------------------------- trials: compress, time, judge
+
+@dataclass
+class Trial:
+    """One method at one ratio on one token set: what came out, how long it took, how much survived."""
+
+    method: str
+    ratio: float
+    tokens_in: int
+    compressed: Compressed
+    expanded: torch.Tensor  # [B, N, D]
+    ms: float
+    fidelity: float | None = None
+
+    @property
+    def tokens_out(self) -> int:
+        return self.compressed.num_tokens
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def run_trial(x: torch.Tensor, grid: Grid | None, method: str, ratio: float, model: TokenCompressor | None = None,
+              tome_r: int | None = None, repeats: int = 3) -> Trial:
+    """Compress `x` [B, N, D] (timed: the median of `repeats` runs, in ms) and expand it back."""
+    times = []
+    for _ in range(max(1, repeats)):
+        _synchronize(x.device)
+        start = time.perf_counter()
+        out = compress(x, grid, method, ratio, model, tome_r)
+        _synchronize(x.device)
+        times.append((time.perf_counter() - start) * 1000)
+    return Trial(method, ratio, x.shape[1], out, expand(out, grid, method, ratio, model), statistics.median(times))
+
+
+def attention_queries(x: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """A fixed set of queries: `count` of the input's own tokens [B, N, D], picked by `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(x.shape[1], generator=generator)[:count].to(x.device)
+    return x[:, picks]

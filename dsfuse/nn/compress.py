@@ -213,10 +213,13 @@ def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
-def attention_fidelity(x: torch.Tensor, compressed: Compressed, queries: torch.Tensor) -> torch.Tensor:
-    """Mean cosine similarity, per batch item, of attention outputs for `queries` [B, Q, D] over the
-    input tokens and over the compressed ones (with proportional attention)."""
+def attention_fidelity(x: torch.Tensor, expanded: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity, per batch item, of the attention outputs for `queries` [B, Q, D] over the
+    input tokens and over the compressed tokens expanded back to N positions.
+
+    For pooling and ToMe the expansion repeats each token `size` times, so this equals proportional
+    attention over the compressed tokens; a learned expander is judged by the same rule.
+    """
     full = proportional_attention(queries, x, x)
-    y = compressed.tokens
-    short = proportional_attention(queries, y, y, compressed.sizes)
+    short = proportional_attention(queries, expanded, expanded)
     return F.cosine_similarity(full.float(), short.float(), dim=-1).mean(-1)
