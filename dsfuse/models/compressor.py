@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from dsfuse.nn.compress import (Compressed, CompressionError, Grid, PixelShuffleProjector, avg_pool_tokens,
@@ -167,3 +168,10 @@ def attention_queries(x: torch.Tensor, count: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     picks = torch.randperm(x.shape[1], generator=generator)[:count].to(x.device)
     return x[:, picks]
+
+
+@torch.no_grad()
+def decode_latent_tokens(tokenizer: nn.Module, tokens: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Latent tokens [B, N, C] on `grid` -> images, through the tokenizer's quantizer and decoder."""
+    z = rearrange(tokens, "b (h w) c -> b c h w", h=grid[0], w=grid[1])
+    return tokenizer.decode(tokenizer.quantize(z).z_q)
