@@ -69,7 +69,10 @@ class Models:
     compressors: dict[tuple[str, int], TokenCompressor]  # (method, ratio) -> trained compressor
 
     def trained(self, method: str, ratio: float) -> TokenCompressor | None:
-        return self.compressors.get((method, int(ratio))) if ratio == int(ratio) else None
+        """The compressor for (method, ratio), else one of the method at another ratio (to name it in errors)."""
+        if ratio == int(ratio) and (method, int(ratio)) in self.compressors:
+            return self.compressors[method, int(ratio)]
+        return next((model for (m, _), model in self.compressors.items() if m == method), None)
 
 
 def load_models(checkpoints: list[Path], device: torch.device) -> Models:
@@ -141,18 +144,22 @@ def tokens_file_sources(path: Path, models: Models, device: torch.device) -> lis
     import torch
     from einops import rearrange
 
-    from dsfuse.models.vqvae import read_tokens_file
+    from dsfuse.data.tokens import read_tokens_file
 
     tokenizer = need_tokenizer(models, path)
     entries, made_by = read_tokens_file(path)
     if made_by is not None and made_by != models.tokenizer_id:
-        raise UsageError("tokens file was made by a different tokenizer than --checkpoint", path)
+        raise UsageError(f"tokens file was made by a different tokenizer ({made_by}) than --checkpoint's "
+                         f"({models.tokenizer_id})", path)
+    grid = tokenizer.config.grid
     sources = []
     for name, ids in entries:
         if ids.numel() == 0:
             raise UsageError("the tokens file holds an empty token grid", path)
-        if int(ids.min()) < 0 or int(ids.max()) >= tokenizer.codebook_size:
-            raise UsageError(f"token ids out of range for a {tokenizer.codebook_size}-code tokenizer", path)
+        if tuple(ids.shape) != (grid, grid) or int(ids.min()) < 0 or int(ids.max()) >= tokenizer.codebook_size:
+            raise UsageError(f"tokens of a different tokenizer: a {ids.shape[0]}x{ids.shape[1]} grid of ids up to "
+                             f"{int(ids.max())}, this one makes {grid}x{grid} grids of {tokenizer.codebook_size} codes",
+                             path)
         with torch.no_grad():
             z_q = tokenizer.quantizer.decode_indices(ids[None].to(device))
         sources.append(TokenSource(f"{path.name}:{name}", rearrange(z_q, "b h w c -> b (h w) c"),
@@ -196,7 +203,9 @@ def attempt(source: TokenSource, method: str, ratio: float, models: Models, tome
     try:
         return run_trial(source.tokens, source.grid, method, ratio, models.trained(method, ratio), tome_r)
     except CompressionError as e:
-        where = "--checkpoint" if "checkpoint" in str(e) or "trained" in str(e) else "--ratio"
+        message = str(e)
+        where = ("--checkpoint" if "checkpoint" in message or "trained" in message
+                 else "--grid" if "needs the token grid" in message else "--ratio")
         raise UsageError(f"{e} ({source.name})", where) from None
 
 
@@ -320,7 +329,8 @@ def compare_methods(paths: list[Path], models: Models, grid: tuple[int, int] | N
     judges = [Judge(s, models, queries, seed) for s in sources]
     jobs = [(m, r) for m in METHOD_NAMES for r in ratios]
     for method, ratio in tqdm(jobs, desc="compare", disable=quiet, leave=False):
-        if method in ("pixel-shuffle", "resampler") and models.trained(method, ratio) is None:
+        trained = models.trained(method, ratio)
+        if method in ("pixel-shuffle", "resampler") and (trained is None or trained.config.ratio != ratio):
             cells[method, ratio] = {"skipped": "no trained checkpoint"}
             continue
         trials = []

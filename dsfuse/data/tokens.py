@@ -89,3 +89,49 @@ def write_compressed(path: Path, tokens: torch.Tensor, sizes: torch.Tensor, meta
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path
+
+
+TOKENIZER_KEYS = ("tokenizer", "fingerprint", "tokenizer_fingerprint")
+
+
+def _tokenizer_id(record: dict[str, Any]) -> str | None:
+    return next((str(record[k]) for k in TOKENIZER_KEYS if record.get(k)), None)
+
+
+def read_tokens_file(path: Path) -> tuple[list[tuple[str, torch.Tensor]], str | None]:
+    """Token-id grids written by `tokenize-image`: ([(name, ids [h, w])], the tokenizer's fingerprint).
+
+    JSON Lines hold `{"file", "grid": [h, w], "tokens": [...]}` per image; a .safetensors holds integer
+    grids [h, w] (or a batch [B, h, w]) with the fingerprint in its metadata.
+    """
+    entries: list[tuple[str, torch.Tensor]] = []
+    made_by: set[str] = set()
+    if path.suffix.lower() == ".jsonl":
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                h, w = (int(v) for v in record["grid"])
+                ids = torch.tensor(record["tokens"], dtype=torch.long).reshape(h, w)
+            except (ValueError, KeyError, TypeError, RuntimeError) as e:
+                raise UsageError(f"line {number} is not a tokens record ({type(e).__name__})", path) from None
+            entries.append((Path(str(record.get("file", f"image{number}"))).name, ids))
+            if _tokenizer_id(record):
+                made_by.add(_tokenizer_id(record))
+    else:
+        metadata = safetensors_metadata(path)
+        if _tokenizer_id(metadata):
+            made_by.add(_tokenizer_id(metadata))
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                ids = f.get_tensor(name)
+                if ids.is_floating_point() or ids.dim() not in (2, 3):
+                    continue  # not a grid of ids
+                grids = ids if ids.dim() == 3 else ids[None]
+                entries += [(f"{name}[{i}]" if len(grids) > 1 else name, g.long()) for i, g in enumerate(grids)]
+    if not entries:
+        raise UsageError("no token grids found in the tokens file", path)
+    if len(made_by) > 1:
+        raise UsageError("the tokens file mixes tokens of several tokenizers", path)
+    return entries, next(iter(made_by), None)

@@ -101,18 +101,19 @@ def compress(x: torch.Tensor, grid: Grid | None, method: str, ratio: float,
         raise CompressionError(f"ratio must be at least 1, got {ratio:g}")
     if method == "tome":
         return tome_tokens(x, ratio, r=tome_r)
-    if method in TRAINABLE:
-        if model is None or model.config.method != method:
-            raise CompressionError(f"{method} needs a trained compressor checkpoint")
-        if model.config.ratio != ratio:
-            raise CompressionError(f"the {method} checkpoint was trained for ratio {model.config.ratio}, not {ratio:g}")
+    if method not in METHODS:
+        raise CompressionError(f"unknown method {method!r}; use {', '.join(METHODS)}")
     if grid is None:
         raise CompressionError(f"{method} needs the token grid: {x.shape[1]} tokens is not a square")
+    if method != "resampler":
+        check_fits(grid, pool_kernel(ratio))
     if method == "pool":
         return avg_pool_tokens(x, grid, pool_kernel(ratio))
-    if method in TRAINABLE:
-        return model.compress(x, grid)
-    raise CompressionError(f"unknown method {method!r}; use {', '.join(METHODS)}")
+    if model is None or model.config.method != method:
+        raise CompressionError(f"{method} needs a trained compressor checkpoint")
+    if model.config.ratio != ratio:
+        raise CompressionError(f"the {method} checkpoint was trained for ratio {model.config.ratio}, not {ratio:g}")
+    return model.compress(x, grid)
 
 
 def expand(compressed: Compressed, grid: Grid | None, method: str, ratio: float,
