@@ -15,7 +15,8 @@ import typer
 from typer.core import TyperGroup
 
 from dsfuse.cli.common import (DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, SeedOpt, command,
-                               console, emit_json, expand_inputs, for_each_input, print_table, warn)
+                               console, emit_json, expand_inputs, for_each_input, print_table,
+                               report_training, warn)
 from dsfuse.errors import UsageError
 
 if TYPE_CHECKING:
@@ -182,7 +183,13 @@ class Judge:
             self.reference = decode_latent_tokens(models.tokenizer, source.tokens, source.grid)
         else:
             self.metric = "attention_cosine"
-            self.queries = attention_queries(source.tokens, queries, seed)
+            # Standardised per channel, so the score follows what varies between tokens, not their shared mean.
+            self.mean = source.tokens.mean(1, keepdim=True)
+            self.std = source.tokens.std(1, keepdim=True).clamp_min(1e-6) if source.tokens.shape[1] > 1 else 1.0
+            self.queries = attention_queries(self.standardise(source.tokens), queries, seed)
+
+    def standardise(self, tokens: torch.Tensor) -> torch.Tensor:
+        return (tokens - self.mean) / self.std
 
     def __call__(self, trial: Trial) -> float:
         from dsfuse.metrics import psnr
@@ -192,7 +199,8 @@ class Judge:
         if self.source.from_tokenizer:
             image = decode_latent_tokens(self.models.tokenizer, trial.expanded, self.source.grid)
             return float(psnr(image, self.reference).mean())
-        return float(attention_fidelity(self.source.tokens, trial.expanded, self.queries).mean())
+        return float(attention_fidelity(self.standardise(self.source.tokens), self.standardise(trial.expanded),
+                                        self.queries).mean())
 
 
 def attempt(source: TokenSource, method: str, ratio: float, models: Models, tome_r: int | None) -> Trial:
@@ -466,16 +474,48 @@ def train(
                  extra_meta={"method": method, "ratio": ratio, "tokenizer": tokenizer.fingerprint()})
     plot_curves(read_metrics(run_dir), ["loss", "psnr", "pool_psnr"], run_dir / "curves.png",
                 title=f"compress-tokens train: {method} x{ratio}")
-    summary = {"run_dir": str(run_dir), "method": method, "ratio": ratio, "step": result.step,
-               "tokens_in": cfg.num_tokens, "tokens_out": cfg.num_queries if method == "resampler"
-               else cfg.num_tokens // ratio, "psnr": result.metrics.get("eval_psnr"),
-               "pool_psnr": result.metrics.get("eval_pool_psnr"), "seconds": round(result.seconds, 1),
-               "interrupted": result.interrupted, "val": str(val or data)}
-    if json:
-        emit_json(summary)
-    else:
-        print_table(f"compress-tokens train -> {run_dir}", ["what", "value"], list(summary.items()))
+    tokens_out = cfg.num_queries if method == "resampler" else cfg.num_tokens // ratio
+    report_training(result, {"method": method, "ratio": ratio, "tokens_in": cfg.num_tokens, "tokens_out": tokens_out,
+                             "psnr": result.metrics.get("eval_psnr"), "pool_psnr": result.metrics.get("eval_pool_psnr"),
+                             "val": str(val or data)}, json)
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(compress_app, name="compress-tokens")
+
+
+def patch_tokens(image_path: Path, side: int = 16, patch: int = 4) -> torch.Tensor:
+    """Real tokens without a trained encoder: the (side*patch)^2 px image cut into side x side patches,
+    each flattened to a 3*patch*patch vector (ViT's patch embedding before its projection)."""
+    from einops import rearrange
+
+    from dsfuse.data.images import load_image
+
+    image = load_image(image_path, side * patch)
+    return rearrange(image, "c (h p) (w q) -> (h w) (c p q)", p=patch, q=patch)
+
+
+def demo_steps(samples: Path, out: Path) -> list:
+    import numpy as np
+
+    from dsfuse.cli.demo import DemoStep
+
+    folder = out / "compress"
+    folder.mkdir(parents=True, exist_ok=True)
+    features = folder / "coffee_patches.npy"
+    np.save(features, patch_tokens(samples / "images" / "photos" / "coffee.jpg").numpy())
+    merged = folder / "coffee_patches.tome-x4.safetensors"
+
+    def one(records: list[dict[str, Any]]) -> str:
+        r = records[0]
+        return f"{r['tokens_in']} -> {r['tokens_out']} tokens in {r['ms']:.1f} ms, attention cos {r['fidelity']:.3f}"
+
+    def table(records: list[dict[str, Any]]) -> str:
+        cells = {(c["method"], c["ratio"]): c for c in records[0]["results"]}
+        return ", ".join(f"{m} x{r} {cells[m, r]['fidelity']:.3f}" for m in ("pool", "tome") for r in (4, 16))
+
+    return [
+        DemoStep("compress-tokens tome", ["compress-tokens", str(features), "--method", "tome", "--ratio", "4",
+                                          "--out", str(merged), "--force"], one, [merged]),
+        DemoStep("compress-tokens --compare", ["compress-tokens", str(features), "--compare"], table),
+    ]
