@@ -167,7 +167,6 @@ def test_bad_input_is_one_line(features, tokenizer_ckpt, tmp_path):
                                   "--out", tmp_path / "x.safetensors"), 2, "does not split")
     assert_one_line_error(run_cli("compress-tokens", features, "--method", "resampler", "--out",
                                   tmp_path / "y.safetensors"), 2, "trained compressor checkpoint")
-    assert_one_line_error(run_cli("compress-tokens", features, "--method", "squash"), 2, "unknown method")
     assert_one_line_error(run_cli("compress-tokens", PHOTOS / "coffee.jpg", "--method", "pool"), 2, "tokenizer")
     assert_one_line_error(run_cli("compress-tokens", "train", SHAPES, "--out", tmp_path / "r", "-c", tokenizer_ckpt,
                                   "--method", "pixel-shuffle", "--ratio", "3"), 2, "does not split")

@@ -135,9 +135,16 @@ def load_sources(path: Path, models: Models, grid: tuple[int, int] | None, devic
 
 
 def is_tokens_file(path: Path) -> bool:
-    from dsfuse.data.tokens import safetensors_metadata
+    """A .safetensors of token ids: the tokenizer named in its metadata, or integer tensors only."""
+    from safetensors import safe_open
 
-    return "tokenizer" in safetensors_metadata(path)
+    from dsfuse.data.tokens import TOKENIZER_KEYS, safetensors_metadata
+
+    if any(key in safetensors_metadata(path) for key in TOKENIZER_KEYS):
+        return True
+    with safe_open(str(path), framework="pt") as f:
+        dtypes = [f.get_slice(name).get_dtype() for name in f.keys()]
+    return bool(dtypes) and all(d.startswith(("I", "U")) for d in dtypes)
 
 
 def tokens_file_sources(path: Path, models: Models, device: torch.device) -> list[TokenSource]:
