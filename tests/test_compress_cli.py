@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -141,14 +142,17 @@ def test_train_resampler_then_compare_on_images(tokenizer_ckpt, tmp_path):
     for name in ("model.safetensors", "train_state.pt", "metrics.jsonl", "curves.png", "reconstructions.png"):
         assert (run / name).is_file(), name
 
+    picture = tmp_path / "compare.png"
     proc = run_cli("compress-tokens", PHOTOS / "coffee.jpg", PHOTOS / "rocket.jpg", "--compare", "--json",
-                   "-c", tokenizer_ckpt, "-c", run)
+                   "-c", tokenizer_ckpt, "-c", run, "--out", picture)
     assert proc.returncode == 0, proc.stderr
     report = json_lines(proc.stdout)[0]
     cells = {(r["method"], r["ratio"]): r for r in report["results"]}
     assert report["metric"] == "psnr_db" and len(report["inputs"]) == 2
     assert "fidelity" in cells["resampler", 4] and "skipped" in cells["resampler", 2]
     assert cells["pool", 2]["fidelity"] > 0 and "fidelity" in cells["tome", 16]
+    with Image.open(picture) as im:  # 4 methods x (reference + 3 ratios) tiles of 32 px
+        assert im.size == (4 * 34 + 2, 4 * 34 + 2)
 
     out = tmp_path / "rs4.safetensors"
     proc = run_cli("compress-tokens", PHOTOS / "coffee.jpg", "--method", "resampler", "--ratio", "4",

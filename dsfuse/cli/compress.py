@@ -185,6 +185,7 @@ class Judge:
         from dsfuse.models.compressor import attention_queries, decode_latent_tokens
 
         self.source, self.models = source, models
+        self.last_image: torch.Tensor | None = None  # the latest decoded trial, for pictures
         if source.from_tokenizer:
             self.metric = "psnr_db"
             self.reference = decode_latent_tokens(models.tokenizer, source.tokens, source.grid)
@@ -204,8 +205,8 @@ class Judge:
         from dsfuse.nn.compress import attention_fidelity
 
         if self.source.from_tokenizer:
-            image = decode_latent_tokens(self.models.tokenizer, trial.expanded, self.source.grid)
-            return float(psnr(image, self.reference).mean())
+            self.last_image = decode_latent_tokens(self.models.tokenizer, trial.expanded, self.source.grid)
+            return float(psnr(self.last_image, self.reference).mean())
         return float(attention_fidelity(self.standardise(self.source.tokens), self.standardise(trial.expanded),
                                         self.queries).mean())
 
@@ -269,7 +270,8 @@ def compress_tokens(
     ratio: Annotated[float, typer.Option("--ratio", "-r", help="Tokens in per token out (>= 1).")] = 4.0,
     checkpoint: CheckpointsOpt = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output .safetensors (a folder for several "
-                                             "inputs); default: beside each input.")] = None,
+                                             "inputs; default: beside each input); with --compare on images, a "
+                                             "PNG of the first image's reconstructions (method x ratio).")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Run every method at ratios 2, 4 and 16 and print one "
                                           "table of fidelity and time (writes no token files).")] = False,
     grid: Annotated[str | None, typer.Option("--grid", help="HxW grid of an [N, D] tensor when N is not a "
@@ -295,6 +297,7 @@ def compress_tokens(
     """
     from dsfuse.data.tokens import parse_grid
     from dsfuse.device import seed_everything, select_device
+    from dsfuse.io import check_writable
 
     check_method_and_ratio(method, ratio, compare)
     fixed_grid = parse_grid(grid) if grid else None
@@ -303,7 +306,9 @@ def compress_tokens(
     models = load_models(checkpoint or [], torch_device)
     paths = expand_inputs(inputs, INPUT_SUFFIXES)
     if compare:
-        return compare_methods(paths, models, fixed_grid, torch_device, tome_r, queries, seed, json, quiet)
+        if out is not None:
+            check_writable(out, force)
+        return compare_methods(paths, models, fixed_grid, torch_device, tome_r, queries, seed, json, quiet, out)
 
     many = len(paths) > 1
     rows = []
@@ -328,8 +333,12 @@ def compress_tokens(
 # --------------------------------------------------------------------------- --compare
 
 def compare_methods(paths: list[Path], models: Models, grid: tuple[int, int] | None, device: torch.device,
-                    tome_r: int | None, queries: int, seed: int, as_json: bool, quiet: bool) -> None:
-    """Every method x ratio on every input; fidelity and time averaged over the inputs."""
+                    tome_r: int | None, queries: int, seed: int, as_json: bool, quiet: bool,
+                    picture: Path | None = None) -> None:
+    """Every method x ratio on every input; fidelity and time averaged over the inputs.
+
+    `picture`: a PNG grid of the first input's decoded reconstructions, one row per method.
+    """
     from statistics import mean
 
     from tqdm import tqdm
@@ -339,10 +348,13 @@ def compare_methods(paths: list[Path], models: Models, grid: tuple[int, int] | N
     if len(kinds) > 1:
         raise UsageError("--compare needs inputs of one kind: images/tokens files or feature tensors, not both",
                          "INPUTS")
+    if picture is not None and not sources[0].from_tokenizer:
+        raise UsageError("--out with --compare draws decoded images; feature tensors have none", "--out")
     ratios = sorted({*COMPARE_RATIOS, *(r for _, r in models.compressors)})
     cells: dict[tuple[str, int], dict[str, Any]] = {}
     judges = [Judge(s, models, queries, seed) for s in sources]
     jobs = [(m, r) for m in METHOD_NAMES for r in ratios]
+    shown: dict[tuple[str, int], torch.Tensor] = {}
     for method, ratio in tqdm(jobs, desc="compare", disable=quiet, leave=False):
         trained = models.trained(method, ratio)
         if method in ("pixel-shuffle", "resampler") and (trained is None or trained.config.ratio != ratio):
@@ -353,12 +365,16 @@ def compare_methods(paths: list[Path], models: Models, grid: tuple[int, int] | N
             for source, judge in zip(sources, judges):
                 trial = attempt(source, method, ratio, models, tome_r)
                 trials.append((trial, judge(trial)))
+                if judge is judges[0] and judge.last_image is not None:
+                    shown[method, ratio] = judge.last_image[0]
         except UsageError as e:  # a ratio this grid cannot take is one empty cell, not the end of the table
             cells[method, ratio] = {"skipped": e.what.split(" (")[0]}
             continue
         cells[method, ratio] = {"fidelity": mean(f for _, f in trials), "ms": mean(t.ms for t, _ in trials),
                                 "tokens_in": trials[0][0].tokens_in, "tokens_out": trials[0][0].tokens_out}
     metric = judges[0].metric
+    if picture is not None:
+        save_compare_picture(judges[0].reference[0], shown, ratios, picture)
     if as_json:
         emit_json({"inputs": [s.name for s in sources], "metric": metric,
                    "results": [{"method": m, "ratio": r, **cells[m, r]} for m, r in jobs]})
@@ -380,6 +396,19 @@ def compare_methods(paths: list[Path], models: Models, grid: tuple[int, int] | N
             reasons.setdefault(f"{m}: {cell['skipped']}", []).append(f"x{r}")
     for reason, where in reasons.items():
         console.print(f"- {reason} ({', '.join(where)})", markup=False, soft_wrap=True)
+
+
+def save_compare_picture(reference: torch.Tensor, shown: dict[tuple[str, int], torch.Tensor], ratios: list[int],
+                         path: Path) -> None:
+    """Rows: methods; columns: the uncompressed reconstruction, then each ratio (grey where skipped)."""
+    import torch
+
+    from dsfuse.data.images import save_grid
+
+    blank = torch.zeros_like(reference)
+    tiles = [tile for method in METHOD_NAMES
+             for tile in [reference, *(shown.get((method, r), blank) for r in ratios)]]
+    save_grid(torch.stack(tiles), path, nrow=len(ratios) + 1)
 
 
 # --------------------------------------------------------------------------- compress-tokens train
