@@ -425,13 +425,15 @@ def train(
     ratio: Annotated[int, typer.Option("--ratio", "-r", help="Tokens in per token out.")] = 4,
     val: Annotated[Path | None, typer.Option("--val", help="Held-out images for the PSNR evaluation "
                                                            "(default: centre crops of DATA).")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 600,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 400,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 16,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 1e-3,
     width: Annotated[int, typer.Option("--width", help="Resampler: width of its layers.", min=8)] = 128,
     depth: Annotated[int, typer.Option("--depth", help="Resampler: cross-attention layers each way.", min=1)] = 2,
     eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate every N steps (0: at the end).",
                                             min=0)] = 0,
+    views: Annotated[int, typer.Option("--views", help="Random crops of DATA encoded once as the training set.",
+                                       min=1)] = 1024,
     resume: ResumeOpt = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -447,9 +449,13 @@ def train(
 
     Example: dsfuse compress-tokens train photos/ --val held-out/ --out runs/rs4 -c runs/vq --method resampler
     """
+    import sys
+
     import torch
     import torch.nn.functional as F
     from einops import rearrange
+    from torch.utils.data import DataLoader, TensorDataset
+    from tqdm import tqdm
 
     from dsfuse.checkpoint import load_checkpoint
     from dsfuse.data.crops import RandomCrops
@@ -479,20 +485,27 @@ def train(
         cfg = CompressorConfig(method=method, dim=probe.shape[1], grid=grid, ratio=ratio, width=width, depth=depth)
     except CompressionError as e:
         raise UsageError(str(e), "--ratio") from None
-    train_set = RandomCrops(data, size)
+    crops = RandomCrops(data, size, views=views)
     val_images = torch.stack([image for image, _ in ImageFolder(val or data, size)][:16]).to(torch_device)
-    if train_set.skipped:
-        warn(f"skipped {len(train_set.skipped)} unreadable image(s) in {data}", quiet)
+    if crops.skipped:
+        warn(f"skipped {len(crops.skipped)} unreadable image(s) in {data}", quiet)
     run_dir = prepare_run_dir(out, resume, force)
-    seed_everything(seed)
-    model = TokenCompressor(cfg)
 
     def latent_tokens(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return rearrange(tokenizer.encode(images), "b c h w -> b (h w) c")
+            return rearrange(tokenizer.encode(images.to(torch_device)), "b c h w -> b (h w) c")
 
-    def loss_fn(net, images):
-        z = latent_tokens(images)
+    # The frozen encoder runs once per crop, not once per step: the crops' latents are the training set.
+    # The crops are drawn from `seed` alone, so --resume rebuilds the same set.
+    seed_everything(seed)
+    views_loader = DataLoader(crops, batch_size=64)
+    train_set = TensorDataset(torch.cat([latent_tokens(batch) for batch in tqdm(
+        views_loader, desc="encode crops", disable=quiet or json, leave=False, file=sys.stderr)]).cpu())
+    seed_everything(seed)
+    model = TokenCompressor(cfg)
+
+    def loss_fn(net, batch):
+        z = batch[0]
         return F.mse_loss(net(z).float(), z.float())
 
     def evaluate(net, step: int) -> dict[str, float]:
