@@ -523,8 +523,7 @@ def train(
                  extra_meta={"method": method, "ratio": ratio, "tokenizer": tokenizer.fingerprint()})
     plot_curves(read_metrics(run_dir), ["loss", "psnr", "pool_psnr"], run_dir / "curves.png",
                 title=f"compress-tokens train: {method} x{ratio}")
-    tokens_out = cfg.num_queries if method == "resampler" else cfg.num_tokens // ratio
-    report_training(result, {"method": method, "ratio": ratio, "tokens_in": cfg.num_tokens, "tokens_out": tokens_out,
+    report_training(result, {"method": method, "ratio": ratio, "tokens_in": cfg.num_tokens, "tokens_out": cfg.num_queries,
                              "psnr": result.metrics.get("eval_psnr"), "pool_psnr": result.metrics.get("eval_pool_psnr"),
                              "val": str(val or data)}, json)
 

@@ -38,8 +38,7 @@ class CompressorConfig:
         self.grid = (int(self.grid[0]), int(self.grid[1]))  # a JSON list once loaded from a checkpoint
         if self.method not in TRAINABLE:
             raise CompressionError(f"only {' and '.join(TRAINABLE)} are trainable, got {self.method!r}")
-        if self.method == "pixel-shuffle":
-            check_fits(self.grid, pool_kernel(self.ratio))
+        check_fits(self.grid, pool_kernel(self.ratio))  # both start from the ratio's k x k windows
 
     @property
     def num_tokens(self) -> int:
@@ -47,7 +46,7 @@ class CompressorConfig:
 
     @property
     def num_queries(self) -> int:
-        return max(1, round(self.num_tokens / self.ratio))
+        return self.num_tokens // self.ratio
 
 
 def check_fits(grid: Grid, kernel: Grid) -> None:
@@ -68,9 +67,9 @@ class TokenCompressor(nn.Module):
         if c.method == "pixel-shuffle":
             self.projector = PixelShuffleProjector(c.dim, pool_kernel(c.ratio), c.hidden or None)
         else:
-            self.resampler = Resampler(c.dim, c.num_queries, c.num_tokens, c.depth, c.heads, c.width, c.hidden or None)
-            self.expander = ResamplerExpander(c.dim, c.num_tokens, c.num_queries, c.depth, c.heads, c.width,
-                                              c.hidden or None)
+            kernel = pool_kernel(c.ratio)
+            self.resampler = Resampler(c.dim, c.grid, kernel, c.depth, c.heads, c.width, c.hidden or None)
+            self.expander = ResamplerExpander(c.dim, c.grid, kernel, c.depth, c.heads, c.width, c.hidden or None)
 
     def check_input(self, x: torch.Tensor, grid: Grid) -> None:
         c = self.config
@@ -105,8 +104,7 @@ def compress(x: torch.Tensor, grid: Grid | None, method: str, ratio: float,
         raise CompressionError(f"unknown method {method!r}; use {', '.join(METHODS)}")
     if grid is None:
         raise CompressionError(f"{method} needs the token grid: {x.shape[1]} tokens is not a square")
-    if method != "resampler":
-        check_fits(grid, pool_kernel(ratio))
+    check_fits(grid, pool_kernel(ratio))
     if method == "pool":
         return avg_pool_tokens(x, grid, pool_kernel(ratio))
     if model is None or model.config.method != method:
