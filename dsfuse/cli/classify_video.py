@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from dsfuse.cli.common import (DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, SeedOpt,
-                               command, console, emit_json, expand_inputs, for_each_input, print_table)
+                               command, console, emit_json, expand_inputs, for_each_input, print_table,
+                               report_training)
 from dsfuse.errors import UsageError
 
 if TYPE_CHECKING:
@@ -103,17 +104,9 @@ def train(
                  resume=resume, evaluate=evaluate, extra_meta={"classes": folder.classes})
     plot_curves(read_metrics(run_dir), ["loss", "accuracy"], run_dir / "curves.png", title=f"classify-video {config.backbone}")
 
-    summary = {"run_dir": str(run_dir), "backbone": config.backbone, "steps": result.step,
-               "accuracy": result.metrics.get("eval_accuracy"), "classes": folder.classes,
-               "train_videos": len(train_set), "held_out_videos": len(held_set),
-               "skipped": [str(p) for p in folder.skipped], "seconds": round(result.seconds, 1),
-               "interrupted": result.interrupted}
-    if json:
-        emit_json(summary)
-    else:
-        print_table(f"classify-video train -> {run_dir}", ["what", "value"],
-                    [(k, v) for k, v in summary.items() if k not in ("classes", "skipped")] +
-                    [("classes", ", ".join(folder.classes)), ("skipped", len(folder.skipped))])
+    report_training(result, {"backbone": config.backbone, "accuracy": result.metrics.get("eval_accuracy"),
+                             "classes": folder.classes, "train_videos": len(train_set),
+                             "held_out_videos": len(held_set), "skipped": [str(p) for p in folder.skipped]}, json)
 
 
 def evaluate_folder(model: VideoClassifier, dataset, run_dir: Path, device: torch.device,
@@ -266,7 +259,7 @@ def demo_steps(samples: Path, out: Path) -> list:
 
     def trained(records: list[dict]) -> str:
         r = records[0]
-        return f"{r['backbone']}, {r['steps']} steps: held-out accuracy {r['accuracy']:.0%} (tiny run)"
+        return f"{r['backbone']}, {r['step']} steps: held-out accuracy {r['accuracy']:.0%} (tiny run)"
 
     def predicted(records: list[dict]) -> str:
         return "; ".join(f"{Path(r['file']).stem} -> {r['top'][0]['label']}" for r in records)

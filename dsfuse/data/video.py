@@ -162,14 +162,14 @@ class _FrameCursor:
         self.upcoming: av.VideoFrame | None = None  # the first decoded frame after it
         self.ended = False
         self.seeks = 0
+        self.origin = stream_start(stream)  # asked times count from the first frame, as players show them
 
-    def _seek(self, seconds: float) -> None:
-        if seconds > 0:
-            offset = int(seconds / self.stream.time_base) + (self.stream.start_time or 0)
-            self.container.seek(offset, stream=self.stream, backward=True)
+    def _start(self, seconds: float | None) -> None:
+        """(Re)start decoding, at the keyframe at or before `seconds` (stream time) when given."""
+        if seconds is not None:
+            # the frame on screen at `seconds` is never before the keyframe at or before it
+            self.container.seek(max(int(seconds / self.stream.time_base), 0), stream=self.stream, backward=True)
             self.seeks += 1
-        elif self.frames is not None:
-            self.container.seek(self.stream.start_time or 0, stream=self.stream, backward=True)
         self.frames = self.container.decode(self.stream)
         self.current = self.upcoming = None
         self.ended = False
@@ -185,17 +185,20 @@ class _FrameCursor:
             return None  # a damaged tail: keep what decoded
 
     def frame_at(self, seconds: float) -> av.VideoFrame:
+        """The frame on screen `seconds` after the video starts (the first frame before that, the last at the end)."""
+        seconds += self.origin
         known = self.upcoming or self.current
-        if self.frames is None or (known is not None and _time(known) is not None
-                                   and seconds > _time(known) + SEEK_AHEAD_S):
-            self._seek(seconds - 0.5 / max(_fps(self.stream), 1e-3))
+        if self.frames is None:
+            self._start(seconds if seconds > self.origin + SEEK_AHEAD_S else None)
+        elif known is not None and known.time is not None and seconds > known.time + SEEK_AHEAD_S:
+            self._start(seconds)
         while not self.ended:
             if self.upcoming is None:
                 self.upcoming = self._next()
                 if self.upcoming is None:
                     self.ended = True
                     break
-            t = _time(self.upcoming)
+            t = self.upcoming.time
             if self.current is not None and t is not None and t > seconds + 1e-6:
                 break
             self.current, self.upcoming = self.upcoming, None
@@ -205,8 +208,9 @@ class _FrameCursor:
         return frame
 
 
-def _time(frame: av.VideoFrame) -> float | None:
-    return frame.time
+def stream_start(stream: av.VideoStream) -> float:
+    """When the first frame is shown, in seconds of stream time (often 0; not in MPEG-TS or trimmed files)."""
+    return float(stream.start_time * stream.time_base) if stream.start_time is not None and stream.time_base else 0.0
 
 
 def _to_rgb(frame: av.VideoFrame, rotation: int, size: Size) -> np.ndarray:
@@ -263,11 +267,11 @@ def read_all_frames(path: str | os.PathLike, size: Size = None) -> tuple[np.ndar
     times, rgbs = [], []
     with _open(path) as container:
         stream = _video_stream(container, path)
-        rotation = None
+        rotation, origin = None, stream_start(stream)
         try:
             for frame in container.decode(stream):
                 rotation = _rotation(stream, frame) if rotation is None else rotation
-                times.append(frame.time if frame.time is not None else len(times) / _fps(stream))
+                times.append(frame.time - origin if frame.time is not None else len(times) / _fps(stream))
                 rgbs.append(_to_rgb(frame, rotation, size))
         except av.error.FFmpegError as e:
             if not rgbs:
