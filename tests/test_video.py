@@ -212,10 +212,10 @@ def test_kinetics_weights_from_local_hub_only(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("video")
-    proc = run_cli("classify-video", "make-dataset", root / "data", "--per-class", "10", "--json", "-q")
+    proc = run_cli("classify-video", "make-dataset", root / "data", "--per-class", "20", "--json", "-q")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["videos"] == 40
-    proc = run_cli("classify-video", "train", root / "data", "--out", root / "run", "--steps", "80",
+    assert json.loads(proc.stdout)["videos"] == 80
+    proc = run_cli("classify-video", "train", root / "data", "--out", root / "run", "--steps", "120",
                    "--batch-size", "16", "--held-out", "0.2", "--device", "cpu", "--json", "-q", env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr
     return root / "run"

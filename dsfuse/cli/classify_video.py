@@ -95,7 +95,7 @@ def train(
 
     def loss_fn(net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         clips, labels = batch
-        return torch.nn.functional.cross_entropy(net(unwrap(net).preprocess(clips)), labels)
+        return torch.nn.functional.cross_entropy(net(unwrap(net).preprocess(clips, random_crop=True)), labels)
 
     def evaluate(net: VideoClassifier, step: int) -> dict[str, float]:
         return evaluate_folder(net, held_set, run_dir, torch_device, batch_size)

@@ -175,13 +175,23 @@ class VideoClassifier(nn.Module):
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1, 1), persistent=False)
 
-    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
-        """Decoded uint8 frames [B, T, H, W, 3] -> normalised, centre-cropped model input [B, 3, T, crop, crop]."""
-        from torchvision.transforms.v2 import functional as TF
+    def preprocess(self, frames: torch.Tensor, random_crop: bool = False) -> torch.Tensor:
+        """Decoded uint8 frames [B, T, H, W, 3] -> normalised model input [B, 3, T, crop, crop].
 
-        x = rearrange(frames, "b t h w c -> b t c h w").float().div(255.0)
-        x = TF.center_crop(x, [self.config.crop, self.config.crop])
-        return (rearrange(x, "b t c h w -> b c t h w") - self.mean) / self.std
+        The crop is central, or (training) at a random place per clip, the same for all its frames.
+        """
+        x = rearrange(frames, "b t h w c -> b c t h w").float().div(255.0)
+        size, (height, width) = self.config.crop, x.shape[-2:]
+        if size > min(height, width):
+            raise ValueError(f"frames of {height}x{width} are smaller than the crop {size}")
+        if random_crop:
+            tops = torch.randint(0, height - size + 1, (len(x),)).tolist()
+            lefts = torch.randint(0, width - size + 1, (len(x),)).tolist()
+            x = torch.stack([clip[..., t:t + size, l:l + size] for clip, t, l in zip(x, tops, lefts)])
+        else:
+            top, left = (height - size) // 2, (width - size) // 2
+            x = x[..., top:top + size, left:left + size]
+        return (x - self.mean) / self.std
 
     def features(self, clip: torch.Tensor) -> torch.Tensor:
         """Model input [B, 3, T, H, W] -> pooled clip features [B, feature_dim]."""
