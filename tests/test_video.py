@@ -261,23 +261,26 @@ def test_predict_reports_each_bad_file_and_goes_on(trained_run, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow
-def test_predict_with_pretrained_kinetics_from_local_hub(tmp_path):
+def test_predict_pretrained_needs_the_local_hub_file(tmp_path):
+    proc = run_cli("classify-video", "predict", SAMPLES / "up.mp4", "--backbone", "r3d_18", "--pretrained",
+                   env={"TORCH_HOME": str(tmp_path / "torch")})
+    assert_one_line_error(proc, 2, "r3d_18-b3b3357e.pth")
+    assert str(tmp_path / "torch" / "hub" / "checkpoints") in proc.stderr
+
+
+def test_pretrained_classifier_has_kinetics_categories(tmp_path, monkeypatch):
     from torchvision.models import video as tv
 
-    hub = tmp_path / "torch"
-    missing = run_cli("classify-video", "predict", SAMPLES / "up.mp4", "--backbone", "r3d_18", "--pretrained",
-                      env={"TORCH_HOME": str(hub)})
-    assert_one_line_error(missing, 2, "r3d_18-b3b3357e.pth")
-    path = hub / "hub" / "checkpoints" / "r3d_18-b3b3357e.pth"
+    from dsfuse.cli.classify_video import load_classifier
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    path = kinetics_weights_file("mc3_18")
     path.parent.mkdir(parents=True)
-    torch.save(tv.r3d_18(weights=None).state_dict(), path)  # random weights under the real file name
-    proc = run_cli("classify-video", "predict", SAMPLES / "up.mp4", "--backbone", "r3d_18", "--pretrained",
-                   "--clips", "1", "--top-k", "3", "--json", "-q", env={"TORCH_HOME": str(hub), **ONE_THREAD})
-    assert proc.returncode == 0, proc.stderr
-    top = json_lines(proc.stdout)[0]["top"]
-    categories = tv.R3D_18_Weights.KINETICS400_V1.meta["categories"]
-    assert len(top) == 3 and all(t["label"] in categories for t in top)
+    torch.save(tv.mc3_18(weights=None).state_dict(), path)  # random weights under the real file name
+    model, labels = load_classifier(None, "mc3_18", True, torch.device("cpu"))
+    assert labels == tv.MC3_18_Weights.KINETICS400_V1.meta["categories"] and model.head.out_features == 400
+    with pytest.raises(UsageError, match="--backbone"):
+        load_classifier(None, None, True, torch.device("cpu"))
 
 
 @pytest.mark.slow

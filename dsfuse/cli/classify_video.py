@@ -57,19 +57,21 @@ def train(
 
     Example: dsfuse classify-video train data/motion --out runs/video --steps 600
     """
+    if not 0 < held_out < 1:
+        raise UsageError(f"held-out fraction must be between 0 and 1, got {held_out}", "--held-out")
+    if (frames is not None and frames < 1) or (fps is not None and fps <= 0):
+        raise UsageError("frames must be at least 1 and fps positive", "--frames/--fps")
     import torch
 
     from dsfuse.checkpoint import MODEL_FILE, read_metadata
     from dsfuse.data.video import VideoFolder, stratified_split
     from dsfuse.device import seed_everything, select_device
     from dsfuse.engine import TrainConfig, fit, prepare_run_dir, read_metrics, unwrap
-    from dsfuse.models.video import VideoClassifier, VideoConfig
+    from dsfuse.models.video import VideoClassifier, VideoConfig, require_kinetics_weights
     from dsfuse.plots import plot_curves
 
-    if not 0 < held_out < 1:
-        raise UsageError(f"held-out fraction must be between 0 and 1, got {held_out}", "--held-out")
-    if (frames is not None and frames < 1) or (fps is not None and fps <= 0):
-        raise UsageError("frames must be at least 1 and fps positive", "--frames/--fps")
+    if pretrained and not resume:
+        require_kinetics_weights(backbone)
     torch_device = select_device(device)
     seed_everything(seed)
     train_cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(50, steps // 10),
@@ -133,14 +135,13 @@ def evaluate_folder(model: VideoClassifier, dataset, run_dir: Path, device: torc
 
 # --------------------------------------------------------------------------- predict
 
+
 def load_classifier(checkpoint: Path | None, backbone: str | None, pretrained: bool,
                     device: torch.device) -> tuple[VideoClassifier, list[str]]:
     """A trained checkpoint with its class names, or torchvision's Kinetics-400 model with its categories."""
     from dsfuse.checkpoint import load_checkpoint
-    from dsfuse.models.video import VideoClassifier, VideoConfig, kinetics_categories
+    from dsfuse.models.video import VideoClassifier, VideoConfig, kinetics_categories, require_kinetics_weights
 
-    if (checkpoint is None) == (not pretrained):
-        raise UsageError("give either --checkpoint or --pretrained (with --backbone)", "--checkpoint/--pretrained")
     if checkpoint is not None:
         model, meta = load_checkpoint(checkpoint, kind="video", device=device)
         classes = meta["extra"].get("classes") or [str(i) for i in range(model.config.num_classes)]
@@ -148,7 +149,9 @@ def load_classifier(checkpoint: Path | None, backbone: str | None, pretrained: b
     if backbone is None:
         raise UsageError("--pretrained needs --backbone (r3d_18, mc3_18, r2plus1d_18, s3d, mvit_v2_s, swin3d_t)",
                          "--backbone")
-    model = VideoClassifier(VideoConfig.for_backbone(backbone, 400))
+    config = VideoConfig.for_backbone(backbone, 400)
+    require_kinetics_weights(backbone)  # before building a large model for nothing
+    model = VideoClassifier(config)
     model.load_kinetics()
     return model.to(device).eval(), kinetics_categories(backbone)
 
@@ -174,20 +177,23 @@ def predict(
 
     Example: dsfuse classify-video predict samples/video --checkpoint runs/video --top-k 2 --json
     """
-    import torch
-
-    from dsfuse.data.video import VIDEO_SUFFIXES, read_clips
-    from dsfuse.device import seed_everything, select_device
-
     if top_k < 1:
         raise UsageError(f"top-k must be at least 1, got {top_k}", "--top-k")
     if clips < 1:
         raise UsageError(f"clips must be at least 1, got {clips}", "--clips")
+    if (checkpoint is None) == (not pretrained):
+        raise UsageError("give either --checkpoint or --pretrained (with --backbone)", "--checkpoint/--pretrained")
+    import torch
+
+    from dsfuse.data.video import VIDEO_SUFFIXES, read_clips
+
+    paths = expand_inputs(videos, VIDEO_SUFFIXES)  # before the model: a typo fails fast
+    from dsfuse.device import seed_everything, select_device
+
     torch_device = select_device(device)
     seed_everything(seed)
     model, classes = load_classifier(checkpoint, backbone, pretrained, torch_device)
     cfg = model.config
-    paths = expand_inputs(videos, VIDEO_SUFFIXES)
 
     @torch.no_grad()
     def classify(path: Path) -> dict[str, Any]:
@@ -227,15 +233,15 @@ def make_dataset(
 
     Example: dsfuse classify-video make-dataset data/motion --per-class 40
     """
-    from dsfuse.data.motion import write_motion_dataset
-    from dsfuse.device import select_device
-
-    select_device(device)  # checked like every command's, though writing videos needs no accelerator
     if per_class < 1 or frames < 2 or size < 16 or fps <= 0:
         raise UsageError("need --per-class >= 1, --frames >= 2, --size >= 16 and --fps > 0",
                          "--per-class/--frames/--size/--fps")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UsageError("output folder is not empty; pass --force to write into it", out)
+    from dsfuse.data.motion import write_motion_dataset
+    from dsfuse.device import select_device
+
+    select_device(device)  # checked like every command's, though writing videos needs no accelerator
     files = write_motion_dataset(out, per_class, frames, size, fps, audio=audio, seed=seed, progress=not quiet)
     summary = {"out": str(out), "videos": len(files), "classes": sorted({f.parent.name for f in files}),
                "frames": frames, "size": size, "fps": fps, "audio": audio}

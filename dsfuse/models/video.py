@@ -140,8 +140,20 @@ def kinetics_weights_file(backbone: str) -> Path:
     """Where torch hub keeps `backbone`'s Kinetics-400 weights: TORCH_HOME/hub/checkpoints/<file from the URL>."""
     from torchvision.models import video as tv
 
+    if backbone not in TORCHVISION_WEIGHTS:
+        raise UsageError(f"no pretrained weights for {backbone!r}; use one of {', '.join(TORCHVISION_WEIGHTS)}",
+                         "--pretrained")
     weights = getattr(tv, TORCHVISION_WEIGHTS[backbone]).KINETICS400_V1
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+
+
+def require_kinetics_weights(backbone: str) -> Path:
+    """The local Kinetics-400 weights file of `backbone`; when missing, says which file to put where."""
+    path = kinetics_weights_file(backbone)
+    if not path.is_file():
+        raise UsageError(f"pretrained weights not found: put {path.name} (from "
+                         f"download.pytorch.org/models/{path.name}) in {path.parent}", "--pretrained")
+    return path
 
 
 def kinetics_categories(backbone: str) -> list[str]:
@@ -203,13 +215,7 @@ class VideoClassifier(nn.Module):
     def load_kinetics(self) -> None:
         """Load Kinetics-400 weights from the local torch hub cache; the head too when it has 400 classes."""
         backbone = self.config.backbone
-        if backbone not in TORCHVISION_WEIGHTS:
-            raise UsageError(f"no pretrained weights for {backbone!r}; use one of {', '.join(TORCHVISION_WEIGHTS)}",
-                             "--pretrained")
-        path = kinetics_weights_file(backbone)
-        if not path.is_file():
-            raise UsageError(f"pretrained weights not found: put {path.name} (from "
-                             f"download.pytorch.org/models/{path.name}) in {path.parent}", "--pretrained")
+        path = require_kinetics_weights(backbone)
         try:  # torchvision's own .pth of plain tensors; weights_only refuses anything else
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
