@@ -27,6 +27,7 @@ MODEL_KINDS: dict[str, str] = {
     "toy": "dsfuse.models.toy:ToyRegressor",
     "vqvae": "dsfuse.models.vqvae:VQVAE",
     "compressor": "dsfuse.models.compressor:TokenCompressor",
+    "video": "dsfuse.models.video:VideoClassifier",
 }
 
 MODEL_FILE = "model.safetensors"
