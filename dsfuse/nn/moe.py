@@ -20,7 +20,7 @@ matmul over a buffer padded to the busiest expert's load, "sorted" loops over co
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -93,6 +93,18 @@ class SwiGLUExperts(nn.Module):
         """Rows sorted by expert, expert e owning rows offsets[e-1]:offsets[e] (int32 cumulative counts)."""
         return F.grouped_mm(self._gated(F.grouped_mm(x, self.w13, offs=offsets)), self.w2, offs=offsets)
 
+    @torch.no_grad()
+    def as_modules(self) -> nn.ModuleList:
+        """The same experts as separate SwiGLU modules (copies): the unfused form of the seed's loop."""
+        modules = nn.ModuleList()
+        for w13, w2 in zip(self.w13, self.w2):
+            expert = SwiGLU(w13.shape[0], self.hidden).to(w13)
+            expert.w1.weight.copy_(w13[:, :self.hidden].T)
+            expert.w3.weight.copy_(w13[:, self.hidden:].T)
+            expert.w2.weight.copy_(w2.T)
+            modules.append(expert)
+        return modules
+
     def _gated(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.split(self.hidden, dim=-1)
         return F.silu(gate) * up
@@ -106,6 +118,7 @@ class Routing:
     probs: torch.Tensor  # [N, E] the affinity distribution the balance losses use (rows sum to 1)
     expert_ids: torch.Tensor  # [N, k]
     weights: torch.Tensor  # [N, k] gate values multiplying each chosen expert's output
+    log_norm: torch.Tensor  # [N] log-sum-exp of the logits (the router z-loss squares it)
 
 
 class Router(nn.Module):
@@ -125,18 +138,19 @@ class Router(nn.Module):
         logits = self.gate(x).float()
         if self.kind == "aux-free":
             affinity = torch.sigmoid(logits)
-            _, ids = (affinity + self.bias).topk(self.top_k, dim=-1)  # the bias picks, it never weighs
+            _, ids = (affinity + self.bias).topk(self.top_k, dim=-1, sorted=False)  # the bias picks, never weighs
             chosen = affinity.gather(-1, ids)
             weights = chosen / chosen.sum(-1, keepdim=True)
             probs = affinity / affinity.sum(-1, keepdim=True)
-            return Routing(logits, probs, ids, weights.to(x.dtype))
+            return Routing(logits, probs, ids, weights.to(x.dtype), torch.logsumexp(logits, dim=-1))
         if self.kind == "noisy" and self.training:
             logits = logits + torch.randn_like(logits) * F.softplus(self.noise(x).float())
-        probs = logits.softmax(-1)
-        top, ids = probs.topk(self.top_k, dim=-1)
+        log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # kept: the z-loss needs it too
+        probs = torch.exp(logits - log_norm)
+        top, ids = probs.topk(self.top_k, dim=-1, sorted=False)
         if self.kind == "noisy":  # softmax over the kept logits only
             top = top / top.sum(-1, keepdim=True)
-        return Routing(logits, probs, ids, top.to(x.dtype))
+        return Routing(logits, probs, ids, top.to(x.dtype), log_norm[:, 0])
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor, rate: float) -> None:
@@ -213,15 +227,19 @@ def _sorted_rows(x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan,
 
 def dispatch_sorted(x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, experts: SwiGLUExperts
                     ) -> torch.Tensor:
-    """Each expert on its contiguous slice of the sorted tokens."""
-    def run(rows: torch.Tensor) -> torch.Tensor:
-        pieces, start = [], 0
-        for e, count in enumerate(plan.load.tolist()):
-            if count:
-                pieces.append(experts.expert(e, rows[start:start + count]))
-            start += count
-        return torch.cat(pieces) if pieces else rows[:0]
-    return _sorted_rows(x, weights, plan, run)
+    """Each expert on its contiguous slice of the sorted slots: gather its tokens, run it, and add the
+    gated output straight back into place, so every buffer stays small and cache-hot."""
+    k = weights.shape[1]
+    tokens = plan.order // k
+    gates = weights.flatten().index_select(0, plan.order)[:, None]
+    out = torch.zeros_like(x)
+    start = 0
+    for e, count in enumerate(plan.load.tolist()):  # the one host sync
+        if count:
+            rows = tokens[start:start + count]
+            out.index_add_(0, rows, experts.expert(e, x.index_select(0, rows)) * gates[start:start + count])
+        start += count
+    return out
 
 
 def dispatch_grouped(x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, experts: SwiGLUExperts
@@ -234,15 +252,16 @@ def dispatch_grouped(x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan,
 DISPATCH = {"padded": dispatch_padded, "sorted": dispatch_sorted, "grouped": dispatch_grouped}
 
 
-def moe_naive(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, experts: SwiGLUExperts
-              ) -> torch.Tensor:
-    """The seed's loop, kept as the reference: per expert, a boolean mask of its tokens."""
+def moe_naive(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+              experts: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+    """The seed's loop, kept as the reference: per expert, a boolean mask of its tokens, run the expert
+    on them, add the weighted output. `experts[e]` maps rows [M, D] to [M, D]."""
     out = torch.zeros_like(x)
-    for e in range(experts.w13.shape[0]):
+    for e, expert in enumerate(experts):
         hit = expert_ids == e
         tokens = hit.any(-1)
         if tokens.any():
-            out[tokens] += experts.expert(e, x[tokens]) * (weights * hit).sum(-1)[tokens, None]
+            out[tokens] += expert(x[tokens]) * (weights * hit).sum(-1)[tokens, None]
     return out
 
 
@@ -265,9 +284,9 @@ def seq_balance_loss(probs: torch.Tensor, expert_ids: torch.Tensor, n_seqs: int)
     return n_experts * (share * probs.mean(1)).sum(-1).mean()
 
 
-def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE's router z-loss: mean squared log-sum-exp of the logits, keeping them small."""
-    return torch.logsumexp(logits, dim=-1).square().mean()
+def z_loss(log_norm: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss from each token's log-sum-exp of the logits: mean square, keeping logits small."""
+    return log_norm.square().mean()
 
 
 @dataclass
@@ -310,7 +329,7 @@ class MoE(nn.Module):
     def _account(self, routing: Routing, plan: DispatchPlan, n_seqs: int) -> None:
         """Auxiliary losses, the routing record, and the aux-free bias step."""
         cfg = self.cfg
-        raw = {"balance": balance_loss(routing.probs, plan.demand), "z": z_loss(routing.logits)}
+        raw = {"balance": balance_loss(routing.probs, plan.demand), "z": z_loss(routing.log_norm)}
         if cfg.seq_balance_weight:
             raw["seq_balance"] = seq_balance_loss(routing.probs, routing.expert_ids, n_seqs)
         weights = {"balance": cfg.balance_weight, "seq_balance": cfg.seq_balance_weight, "z": cfg.z_weight}
