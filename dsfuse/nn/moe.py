@@ -12,9 +12,10 @@ inspection: expert ids, kept assignments, loads, probabilities, the unweighted l
 Routers: "topk" (softmax, DeepSeek-V2/Switch), "noisy" (Shazeer et al. 2017: tunable Gaussian noise on
 the logits while training), "aux-free" (DeepSeek-V3: sigmoid affinities, top-k chosen on affinity +
 a per-expert bias that is nudged after every training forward towards equal loads; no gradient).
-Dispatch sorts assignments by expert; "padded" (the default) runs every expert at once as one batched
-matmul over a buffer padded to the busiest expert's load, "sorted" loops over contiguous slices,
-"grouped" uses torch's grouped matmul. All equal `moe_naive`, the per-expert boolean-mask loop.
+Dispatch sorts assignments by expert once; "sorted" (the default) then runs each expert on its
+contiguous slice and adds the gated output straight back, "padded" runs all experts as one batched
+matmul over a buffer padded to the busiest expert's load, "grouped" uses torch's grouped matmul.
+All equal `moe_naive`, the seed's per-expert boolean-mask loop (tests and bench/moe.py check it).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import nn
 from dsfuse.nn.ffn import SwiGLU
 
 ROUTERS = ("topk", "noisy", "aux-free")
-DISPATCHES = ("padded", "sorted", "grouped")
+DISPATCHES = ("sorted", "padded", "grouped")
 
 
 @dataclass
@@ -47,7 +48,7 @@ class MoEConfig:
     seq_balance_weight: float = 0.0  # DeepSeek-V3's sequence-wise balance loss
     z_weight: float = 0.001  # router z-loss
     bias_update_rate: float = 0.001  # aux-free: how far each forward nudges the expert biases
-    dispatch: str = "padded"  # padded | sorted | grouped
+    dispatch: str = "sorted"  # sorted | padded | grouped
 
     def __post_init__(self) -> None:
         if self.n_experts < 1:
@@ -81,9 +82,10 @@ class SwiGLUExperts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(n, dim, 2 * hidden).uniform_(-dim**-0.5, dim**-0.5))
         self.w2 = nn.Parameter(torch.empty(n, hidden, dim).uniform_(-hidden**-0.5, hidden**-0.5))
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert `e` on rows x [M, dim]."""
-        return self._gated(x @ self.w13[e]) @ self.w2[e]
+    def expert(self, e: int, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert `e` on rows x [M, dim]; `scale` [M, 1] multiplies the hidden layer (cheaper than the output)."""
+        hidden = self._gated(x @ self.w13[e])
+        return (hidden if scale is None else hidden * scale) @ self.w2[e]
 
     def batched(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on its own rows: x [n, C, dim] -> [n, C, dim]."""
@@ -237,7 +239,7 @@ def dispatch_sorted(x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, 
     for e, count in enumerate(plan.load.tolist()):  # the one host sync
         if count:
             rows = tokens[start:start + count]
-            out.index_add_(0, rows, experts.expert(e, x.index_select(0, rows)) * gates[start:start + count])
+            out.index_add_(0, rows, experts.expert(e, x.index_select(0, rows), gates[start:start + count]))
         start += count
     return out
 
