@@ -102,7 +102,8 @@ def cluster_task_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
 
 
 def simulate_balancing(out: Path, steps: int, *, device: torch.device, seed: int, quiet: bool,
-                       base: Any, batch_size: int = 32, seq_len: int = 16, n_seqs: int = 4096) -> dict[str, Any]:
+                       base: Any, batch_size: int = 64, seq_len: int = 16, n_seqs: int = 4096, skew: float = 1.0,
+                       noise: float = 1.0) -> dict[str, Any]:
     """Train the same MoE classifier with each of BALANCING on skewed clusters; one run dir each."""
     from dsfuse.data.clusters import skewed_cluster_tokens
     from dsfuse.device import seed_everything
@@ -110,8 +111,8 @@ def simulate_balancing(out: Path, steps: int, *, device: torch.device, seed: int
     from dsfuse.models.moe import MoEClassifier
 
     rng = np.random.default_rng(seed)
-    tokens, labels, centers = skewed_cluster_tokens(n_seqs, seq_len, base.in_dim, base.n_classes, rng)
-    held_tokens, held_labels, _ = skewed_cluster_tokens(256, seq_len, base.in_dim, base.n_classes, rng,
+    tokens, labels, centers = skewed_cluster_tokens(n_seqs, seq_len, base.in_dim, base.n_classes, rng, skew, noise)
+    held_tokens, held_labels, _ = skewed_cluster_tokens(256, seq_len, base.in_dim, base.n_classes, rng, skew, noise,
                                                         centers=centers)
     dataset = TensorDataset(torch.from_numpy(tokens), torch.from_numpy(labels))
     held = (torch.from_numpy(held_tokens).to(device), torch.from_numpy(held_labels).to(device))

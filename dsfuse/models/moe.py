@@ -15,7 +15,7 @@ class MoEModelConfig:
     in_dim: int = 16
     dim: int = 64
     n_layers: int = 2
-    n_classes: int = 32
+    n_classes: int = 64
     n_experts: int = 16
     top_k: int = 2
     n_shared: int = 1

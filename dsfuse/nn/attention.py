@@ -193,7 +193,8 @@ class Attention(nn.Module):
 class MLA(nn.Module):
     """Multi-head latent attention (DeepSeek-V2): keys and values come from a small shared latent
     c_kv; RoPE lives in separate q/k dimensions (the key's is shared by all heads). The cache keeps
-    only c_kv and the RoPE key; decoding absorbs the up-projections into the query and the output."""
+    only c_kv and the RoPE key; decoding one token at a time absorbs the up-projections into the query
+    and the output, so the cache is never expanded."""
 
     def __init__(self, cfg: AttentionConfig):
         super().__init__()
@@ -230,21 +231,22 @@ class MLA(nn.Module):
         q_nope, q_rope = self._queries(x, offset)
         c_kv, k_rope = self._latent(x, offset)
         dropout = self.cfg.dropout if self.training else 0.0
-        if cache is None:
-            out = self._attend_expanded(q_nope, q_rope, c_kv, k_rope, mask, causal, dropout)
-        else:
+        if cache is not None:
             cached = cache.append(mask, x.shape[1], c_kv=(c_kv, 1), k_rope=(k_rope, 2))
-            out = self._attend_absorbed(q_nope, q_rope, cached["c_kv"], cached["k_rope"], cache.key_mask,
-                                        causal, offset, dropout)
+            c_kv, k_rope, mask = cached["c_kv"], cached["k_rope"], cache.key_mask
+        # Few queries against a long cache: attend over the latent itself. Many queries (training, a
+        # prompt): up-projecting the latent once is cheaper than widening every query to kv_lora_rank.
+        attend = self._attend_absorbed if x.shape[1] == 1 and cache is not None else self._attend_expanded
+        out = attend(q_nope, q_rope, c_kv, k_rope, mask, causal, offset, dropout)
         return self.wo(rearrange(out, "b h t d -> b t (h d)"))
 
-    def _attend_expanded(self, q_nope, q_rope, c_kv, k_rope, mask, causal, dropout):
+    def _attend_expanded(self, q_nope, q_rope, c_kv, k_rope, mask, causal, offset, dropout):
         """Training/prefill: up-project the latent to per-head keys and values, then plain SDPA."""
         kv = rearrange(self.wkv_b(c_kv), "b t (h d) -> b h t d", h=self.cfg.n_heads)
         k_nope, v = kv.split([self.cfg.qk_nope_head_dim, self.cfg.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], -1)
         k = torch.cat([k_nope, k_rope.expand(-1, self.cfg.n_heads, -1, -1)], -1)
-        return _sdpa(q, k, v, mask, causal, 0, dropout, scale=self.scale)
+        return _sdpa(q, k, v, mask, causal, offset, dropout, scale=self.scale)
 
     def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask, causal, offset, dropout):
         """Decoding: fold W_UK into the query and W_UV into the output, so attention runs over the
