@@ -61,13 +61,19 @@ def best_seconds(fn: Callable[[], object], rounds: int, device: torch.device) ->
     return best
 
 
-def decode(module: torch.nn.Module, prompt: torch.Tensor, steps: int) -> KVCache:
+def decode(module: torch.nn.Module, prompt: torch.Tensor, steps: int, device: torch.device) -> tuple[KVCache, float]:
+    """Prefill the prompt into a cache, then feed `steps` tokens one at a time; (cache, seconds of those steps)."""
     cache = KVCache()
     module(prompt, causal=True, cache=cache)
     token = prompt[:, -1:]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
     for _ in range(steps):
         token = module(token, causal=True, cache=cache)
-    return cache
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return cache, time.perf_counter() - start
 
 
 def main() -> None:
@@ -99,11 +105,7 @@ def main() -> None:
         for name, cfg in configs(args.heads).items():
             module = build_attention(cfg).to(device).eval()
             seconds[name] = best_seconds(lambda: module(x, causal=True), args.rounds, device)
-            start = time.perf_counter()
-            cache = decode(module, x, args.decode)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            decode_s = time.perf_counter() - start
+            cache, decode_s = decode(module, x, args.decode, device)
             measured = cache.nbytes() / (args.batch * cache.length) / 2  # fp32 tensors, reported as bf16/fp16
             rows.append((name, name, cfg, measured, decode_s))
 

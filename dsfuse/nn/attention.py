@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import nn
 
 ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
@@ -254,9 +254,17 @@ class MLA(nn.Module):
         w = rearrange(self.wkv_b.weight, "(h d) r -> h d r", h=self.cfg.n_heads)
         w_uk, w_uv = w.split([self.cfg.qk_nope_head_dim, self.cfg.v_head_dim], dim=1)
         q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
-        q = torch.cat([q_latent, q_rope], -1)
+        # Every head shares the one latent key/value, so fold the heads into the query axis: one head
+        # attending over the cache as it is, instead of SDPA repeating the cache once per head.
+        heads, q_len = q_nope.shape[1], q_nope.shape[2]
+        q = rearrange(torch.cat([q_latent, q_rope], -1), "b h t d -> b 1 (h t) d")
         k = torch.cat([c_kv[:, None], k_rope], -1)  # [B, 1, S, r + dr]
-        out_latent = _sdpa(q, k, c_kv[:, None], mask, causal, offset, dropout, scale=self.scale)
+        allowed = attention_mask(q_len, mask, causal and q_len > 1, offset, q.device)
+        if allowed is not None:
+            allowed = repeat(allowed.expand(-1, -1, q_len, -1), "b 1 t s -> b 1 (h t) s", h=heads)
+        out_latent = F.scaled_dot_product_attention(q, k, c_kv[:, None], attn_mask=allowed, dropout_p=dropout,
+                                                    scale=self.scale)
+        out_latent = rearrange(out_latent, "b 1 (h t) r -> b h t r", h=heads)
         return torch.einsum("bhtr,hvr->bhtv", out_latent, w_uv)
 
 
