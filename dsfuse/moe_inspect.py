@@ -106,9 +106,6 @@ def simulate_balancing(out: Path, steps: int, *, device: torch.device, seed: int
                        noise: float = 1.0) -> dict[str, Any]:
     """Train the same MoE classifier with each of BALANCING on skewed clusters; one run dir each."""
     from dsfuse.data.clusters import skewed_cluster_tokens
-    from dsfuse.device import seed_everything
-    from dsfuse.engine import TrainConfig, fit, read_metrics
-    from dsfuse.models.moe import MoEClassifier
 
     rng = np.random.default_rng(seed)
     tokens, labels, centers = skewed_cluster_tokens(n_seqs, seq_len, base.in_dim, base.n_classes, rng, skew, noise)
@@ -123,21 +120,34 @@ def simulate_balancing(out: Path, steps: int, *, device: torch.device, seed: int
                 "accuracy": float((logits.argmax(-1) == held[1]).float().mean()),
                 "maxvio": model_max_violation(model)}
 
-    results: dict[str, Any] = {}
-    for name, overrides in BALANCING.items():
-        cfg = dataclasses.replace(base, **overrides)
-        seed_everything(seed)
-        model = MoEClassifier(cfg)
-        train = TrainConfig(steps=steps, batch_size=batch_size, lr=3e-3, warmup_steps=min(20, steps // 10),
-                            log_every=max(1, steps // 50), eval_every=max(1, steps // 10), quiet=quiet, seed=seed,
-                            amp=False)
-        result = fit(model, dataset, cluster_task_loss, train, out / name, kind="moe", config=cfg, device=device,
-                     evaluate=evaluate, extra_meta={"task": "skewed clusters", "balancing": name})
-        results[name] = {"run_dir": str(out / name), "maxvio": result.metrics["eval_maxvio"],
-                         "task_loss": result.metrics["eval_task_loss"], "accuracy": result.metrics["eval_accuracy"],
-                         "history": [{"step": r["step"], "maxvio": r["maxvio"]} for r in read_metrics(out / name)
-                                     if "maxvio" in r]}
-    return results
+    threads = torch.get_num_threads()
+    if device.type == "cpu":  # matrices this small lose more to thread hand-offs than they gain
+        torch.set_num_threads(1)
+    try:
+        return {name: _train_balanced(dataclasses.replace(base, **overrides), name, dataset, evaluate, out / name,
+                                      steps, batch_size, device, seed, quiet)
+                for name, overrides in BALANCING.items()}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_balanced(cfg: Any, name: str, dataset: TensorDataset, evaluate: Any, run_dir: Path, steps: int,
+                    batch_size: int, device: torch.device, seed: int, quiet: bool) -> dict[str, Any]:
+    """One training run of the simulation: its final held-out numbers and the MaxVio of logged steps."""
+    from dsfuse.device import seed_everything
+    from dsfuse.engine import TrainConfig, fit, read_metrics
+    from dsfuse.models.moe import MoEClassifier
+
+    seed_everything(seed)
+    model = MoEClassifier(cfg)
+    train = TrainConfig(steps=steps, batch_size=batch_size, lr=3e-3, warmup_steps=min(20, steps // 10),
+                        log_every=max(1, steps // 50), eval_every=max(1, steps // 10), quiet=quiet, seed=seed,
+                        amp=False)
+    result = fit(model, dataset, cluster_task_loss, train, run_dir, kind="moe", config=cfg, device=device,
+                 evaluate=evaluate, extra_meta={"task": "skewed clusters", "balancing": name})
+    return {"run_dir": str(run_dir), "maxvio": result.metrics["eval_maxvio"],
+            "task_loss": result.metrics["eval_task_loss"], "accuracy": result.metrics["eval_accuracy"],
+            "history": [{"step": r["step"], "maxvio": r["maxvio"]} for r in read_metrics(run_dir) if "maxvio" in r]}
 
 
 def plot_balancing(results: dict[str, Any], path: str | Path) -> Path:

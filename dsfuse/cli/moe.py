@@ -223,7 +223,7 @@ def demo_steps(samples: Path, out: Path):
     return [
         DemoStep("moe-inspect", ["moe-inspect", "--experts", "64", "--top-k", "6", "--tokens", "2048", "--plot",
                                  str(out / "moe-load.png")], summarize_inspect, [out / "moe-load.png"]),
-        DemoStep("moe-inspect --simulate", ["moe-inspect", "--simulate", "60", "--out", str(sim)],
+        DemoStep("moe-inspect --simulate", ["moe-inspect", "--simulate", "40", "--out", str(sim)],
                  summarize_simulate, [sim]),
         DemoStep("moe-inspect checkpoint", ["moe-inspect", str(sim / "aux-free"), "--tokens", "2048", "--plot",
                                             str(out / "moe-checkpoint-load.png")], summarize_checkpoint,
