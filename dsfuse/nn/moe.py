@@ -203,28 +203,14 @@ def dispatch_padded(x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, 
     """One batched matmul over [E, C, D], C the busiest expert's load: no Python loop over experts."""
     n_experts, k = experts.w13.shape[0], weights.shape[1]
     rows = int(plan.load.max())  # the one host sync
-    slot_row = plan.expert * rows + plan.position
-    slots = plan.order if plan.kept is not None else None
-    src = torch.arange(x.shape[0] * k, device=x.device) // k if slots is None else slots // k
-    dest = slot_row if slots is None else slot_row[slots]
-    buffer = x.new_zeros(n_experts * rows, x.shape[1]).index_copy_(0, dest, x.index_select(0, src))
+    slot_row = plan.expert * rows + plan.position  # where each slot sits in the padded buffer
+    buffer = x.new_zeros(n_experts * rows, x.shape[1]).index_copy_(
+        0, slot_row[plan.order], x.index_select(0, plan.order // k))
     out = experts.batched(buffer.view(n_experts, rows, -1)).view(n_experts * rows, -1)
     if plan.kept is not None:  # dropped slots read row 0 with weight 0
         slot_row = torch.where(plan.kept, slot_row, 0)
         weights = weights * plan.kept.view_as(weights)
     return _combine(out, slot_row, weights)
-
-
-def _sorted_rows(x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan,
-                 run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Gather the kept slots' tokens in expert order, run the experts, scatter back through the plan."""
-    k = weights.shape[1]
-    out = run(x.index_select(0, plan.order // k))
-    row_of_slot = torch.zeros(x.shape[0] * k, dtype=torch.long, device=x.device)
-    row_of_slot[plan.order] = torch.arange(len(plan.order), device=x.device)
-    if plan.kept is not None:
-        weights = weights * plan.kept.view_as(weights)
-    return _combine(out, row_of_slot, weights)
 
 
 def dispatch_sorted(x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, experts: SwiGLUExperts
@@ -246,9 +232,14 @@ def dispatch_sorted(x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, 
 
 def dispatch_grouped(x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, experts: SwiGLUExperts
                      ) -> torch.Tensor:
-    """torch's grouped matmul over the sorted tokens (fast on recent GPUs; a loop inside on CPU)."""
-    offsets = plan.load.cumsum(0).to(torch.int32)
-    return _sorted_rows(x, weights, plan, lambda rows: experts.grouped(rows, offsets))
+    """torch's grouped matmul over all sorted tokens at once (fast on recent GPUs; a loop inside on CPU)."""
+    k = weights.shape[1]
+    out = experts.grouped(x.index_select(0, plan.order // k), plan.load.cumsum(0).to(torch.int32))
+    row_of_slot = torch.zeros(x.shape[0] * k, dtype=torch.long, device=x.device)  # dropped slots: row 0 ...
+    row_of_slot[plan.order] = torch.arange(len(plan.order), device=x.device)
+    if plan.kept is not None:
+        weights = weights * plan.kept.view_as(weights)  # ... with weight 0
+    return _combine(out, row_of_slot, weights)
 
 
 DISPATCH = {"padded": dispatch_padded, "sorted": dispatch_sorted, "grouped": dispatch_grouped}
