@@ -160,9 +160,9 @@ def plot_balancing(results: dict[str, Any], path: str | Path) -> Path:
         steps = [h["step"] for h in r["history"]]
         ax.plot(steps, [h["maxvio"] for h in r["history"]],
                 label=f"{name}: eval MaxVio {r['maxvio']:.2f}, loss {r['task_loss']:.3f}")
-    ax.axhline(0.3, color="grey", linestyle="--", linewidth=0.8)
+    ax.axhline(0.3, color="grey", linestyle="--", linewidth=0.8, label="MaxVio 0.3")
     ax.set_xlabel("step")
-    ax.set_ylabel("MaxVio (max load / mean - 1)")
+    ax.set_ylabel("MaxVio of the training batch")
     ax.set_title("load imbalance while training on skewed clusters")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
