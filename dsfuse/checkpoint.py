@@ -26,6 +26,7 @@ from dsfuse.io import atomic_path
 MODEL_KINDS: dict[str, str] = {
     "toy": "dsfuse.models.toy:ToyRegressor",
     "video": "dsfuse.models.video:VideoClassifier",
+    "moe": "dsfuse.models.moe:MoEClassifier",
 }
 
 MODEL_FILE = "model.safetensors"
