@@ -28,6 +28,7 @@ MODEL_KINDS: dict[str, str] = {
     "vqvae": "dsfuse.models.vqvae:VQVAE",
     "compressor": "dsfuse.models.compressor:TokenCompressor",
     "video": "dsfuse.models.video:VideoClassifier",
+    "moe": "dsfuse.models.moe:MoEClassifier",
 }
 
 MODEL_FILE = "model.safetensors"

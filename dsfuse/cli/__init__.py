@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "dsfuse.cli.demo",
     "dsfuse.cli.compress",
     "dsfuse.cli.classify_video",
+    "dsfuse.cli.moe",
 ]
 
 app = typer.Typer(
