@@ -122,7 +122,7 @@ class VectorQuantizer(nn.Module):
         self.dead_code_fraction = dead_code_fraction
         embed = torch.randn(codebook_size, dim)
         self.register_buffer("codebook", F.normalize(embed, dim=-1) if cosine else embed)
-        self.register_buffer("cluster_size", torch.zeros(codebook_size))
+        self.register_buffer("cluster_size", torch.ones(codebook_size))  # as if each code were seen once
         self.register_buffer("embed_sum", self.codebook.clone())
         # A float flag, so it travels with the weights (safetensors, DDP buffer broadcast, EMA copies).
         self.register_buffer("initialised", torch.tensor(0.0 if kmeans_init else 1.0))
