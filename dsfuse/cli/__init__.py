@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "dsfuse.cli.info",
     "dsfuse.cli.demo",
     "dsfuse.cli.train_vqvae",
+    "dsfuse.cli.tokenize_image",
 ]
 
 app = typer.Typer(

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from dsfuse.cli.common import (DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, SeedOpt, command,
-                               console, emit_json, print_table, warn)
+                               report_training, warn)
 from dsfuse.errors import UsageError
 
 # What a preset sets; options given on the command line win.
@@ -137,20 +137,10 @@ def train_vqvae(
                  device=torch_device, resume=resume, evaluate=evaluate)
     plot_curves(read_metrics(run_dir), ["loss", "psnr", "usage", "perplexity"], run_dir / "curves.png",
                 title=f"train-vqvae ({cfg.quantizer}, K={model.codebook_size}, F={cfg.downsample})")
-    summary = {"run_dir": str(run_dir), "step": result.step, "quantizer": cfg.quantizer,
-               "codebook_size": model.codebook_size, "grid": [cfg.grid, cfg.grid], "images": len(dataset),
-               "skipped": len(dataset.skipped), "loss": result.metrics.get("loss"),
-               **{k.removeprefix("eval_"): v for k, v in result.metrics.items() if k.startswith("eval_")},
-               "seconds": round(result.seconds, 1), "interrupted": result.interrupted}
-    if json:
-        emit_json(summary)
-    else:
-        print_table(f"train-vqvae -> {run_dir}", ["what", "value"],
-                    [(k, v) for k, v in summary.items() if k != "run_dir"])
-        if result.interrupted:
-            console.print(f"stopped early; continue with: dsfuse train-vqvae {data} --out {out} --resume")
-    if result.interrupted:
-        raise typer.Exit(130)
+    summary = {"quantizer": cfg.quantizer, "codebook_size": model.codebook_size, "grid": [cfg.grid, cfg.grid],
+               "images": len(dataset), "skipped": len(dataset.skipped), "loss": result.metrics.get("loss"),
+               **{k.removeprefix("eval_"): v for k, v in result.metrics.items() if k.startswith("eval_")}}
+    report_training(result, summary, json)
 
 
 def register(app: typer.Typer) -> None:
