@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from einops import rearrange
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -34,7 +35,7 @@ from dsfuse.data.synth import shapes_image  # noqa: E402
 from dsfuse.models.vqvae import VQVAE, VQVAEConfig, evaluate_tokenizer, training_loss  # noqa: E402
 from dsfuse.nn.quantize import Quantized, code_statistics, fsq_levels  # noqa: E402
 
-console = Console(stderr=False)
+console = Console(stderr=False, width=160)
 CONTENDERS = ("dsfuse vq", "dsfuse fsq", "vqp VectorQuantize", "vqp FSQ")
 
 
@@ -129,9 +130,9 @@ def _speed_worker(contender: str, args: argparse.Namespace, queue) -> None:
             model.tokenize(chunk)
 
     def quantize_all() -> None:
-            with torch.no_grad():
+        with torch.no_grad():
             for chunk in latents.split(64):
-                model.quantizer.encode(chunk.permute(0, 2, 3, 1))
+                model.quantizer.encode(rearrange(chunk, "b c h w -> b h w c"))
 
     with torch.no_grad():
         tokenize_all()  # warm-up (and the reference's k-means init, which runs on its first batch)
@@ -225,8 +226,8 @@ def quality_table(args: argparse.Namespace, contenders: list[str]) -> list[dict]
 
 # --------------------------------------------------------------------------- the report
 
-def ratio(value: float, reference: float | None) -> str:
-    return f"{value / reference:.2f}x" if reference else "-"
+def ratio(value: float, reference: float | None, smallest: float = 1e-12) -> str:
+    return f"{value / reference:.2f}x" if reference and reference >= smallest else "-"
 
 
 def print_speed(rows: list[dict], args: argparse.Namespace) -> None:
@@ -239,9 +240,9 @@ def print_speed(rows: list[dict], args: argparse.Namespace) -> None:
     for row in rows:
         ref = by_name.get("vqp FSQ" if "fsq" in row["contender"].lower() else "vqp VectorQuantize")
         table.add_row(row["contender"], f"{row['images_per_s']:.2f}", ratio(row["images_per_s"], ref and ref["images_per_s"]),
-                      f"{row['peak_mib']:.0f}", ratio(row["peak_mib"], ref and ref["peak_mib"]),
+                      f"{row['peak_mib']:.0f}", ratio(row["peak_mib"], ref and ref["peak_mib"], smallest=1),
                       f"{row['tokens_per_s']:,.0f}", ratio(row["tokens_per_s"], ref and ref["tokens_per_s"]),
-                      f"{row['quantize_peak_mib']:.0f}", ratio(row["quantize_peak_mib"], ref and ref["quantize_peak_mib"]))
+                      f"{row['quantize_peak_mib']:.1f}", ratio(row["quantize_peak_mib"], ref and ref["quantize_peak_mib"], smallest=1))
     console.print(table)
 
 
@@ -265,19 +266,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--images", type=int, default=16, help="images tokenised per timing")
-    parser.add_argument("--latent-images", type=int, default=512, help="latent grids per quantizer-only timing")
+    parser.add_argument("--images", type=int, default=8, help="images tokenised per timing")
+    parser.add_argument("--latent-images", type=int, default=256, help="latent grids per quantizer-only timing")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--base-channels", type=int, default=64, help="encoder width for the speed table")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--base-channels", type=int, default=32, help="encoder width for the speed table")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--size", type=int, default=32, help="image size for the quality table")
     parser.add_argument("--quality-downsample", type=int, default=4)
-    parser.add_argument("--quality-channels", type=int, default=32)
+    parser.add_argument("--quality-channels", type=int, default=16)
     parser.add_argument("--codebook-size", type=int, default=512)
-    parser.add_argument("--train-images", type=int, default=2000)
+    parser.add_argument("--train-images", type=int, default=1000)
     parser.add_argument("--eval-images", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--train-batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--train-batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
