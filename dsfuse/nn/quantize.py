@@ -113,12 +113,14 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, dim: int, codebook_size: int, decay: float = 0.99, commitment: float = 0.25,
                  cosine: bool = False, kmeans_init: bool = True, kmeans_iters: int = 10,
-                 dead_code_fraction: float = 0.03, eps: float = 1e-5):
+                 dead_code_fraction: float = 1.0, eps: float = 1e-5):
         super().__init__()
         self.dim, self.codebook_size = dim, codebook_size
         self.decay, self.commitment, self.cosine, self.eps = decay, commitment, cosine, eps
         self.kmeans_iters = kmeans_iters
         # A code is dead when its EMA count falls below this fraction of the average code's count.
+        # 1.0 (re-seed every below-average code) measured best: held-out usage 41% at 0.03, 89% at 0.3,
+        # 99% at 1.0, with equal PSNR (K=512, bench/tokenizer.py data, 150 steps).
         self.dead_code_fraction = dead_code_fraction
         embed = torch.randn(codebook_size, dim)
         self.register_buffer("codebook", F.normalize(embed, dim=-1) if cosine else embed)
