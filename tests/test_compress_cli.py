@@ -7,11 +7,10 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from conftest import REPO, assert_one_line_error, json_lines, run_cli
 from dsfuse.checkpoint import load_checkpoint, save_checkpoint
-from dsfuse.data.tokens import read_tokens_file
+from dsfuse.data.tokens import TokenGrid, write_tokens
 from dsfuse.models.compressor import CompressorConfig, TokenCompressor, compress, expand, run_trial
 from dsfuse.models.vqvae import VQVAE, VQVAEConfig
 from dsfuse.nn.compress import CompressionError
@@ -85,18 +84,6 @@ def test_pool_and_tome_trials_lose_less_at_lower_ratios():
         assert errors[0] < errors[1] < errors[2], (method, errors)
 
 
-def test_tokens_files_jsonl_and_safetensors(tmp_path):
-    ids = torch.arange(16).reshape(4, 4)
-    (tmp_path / "t.jsonl").write_text(json.dumps({"file": "a/b.png", "grid": [4, 4], "tokens": ids.flatten().tolist(),
-                                                  "tokenizer": "abc"}) + "\n")
-    entries, made_by = read_tokens_file(tmp_path / "t.jsonl")
-    assert made_by == "abc" and entries[0][0] == "b.png" and torch.equal(entries[0][1], ids)
-    save_file({"tokens": torch.stack([ids, ids + 1]).int()}, str(tmp_path / "t.safetensors"),
-              metadata={"tokenizer": "xyz"})
-    entries, made_by = read_tokens_file(tmp_path / "t.safetensors")
-    assert made_by == "xyz" and len(entries) == 2 and torch.equal(entries[1][1], ids + 1)
-
-
 # --------------------------------------------------------------------------- the command
 
 @pytest.mark.slow
@@ -154,6 +141,17 @@ def test_train_resampler_then_compare_on_images(tokenizer_ckpt, tmp_path):
     with Image.open(picture) as im:  # 4 methods x (reference + 3 ratios) tiles of 32 px
         assert im.size == (4 * 34 + 2, 4 * 34 + 2)
 
+    fingerprint = load_checkpoint(tokenizer_ckpt, "vqvae")[0].fingerprint()
+    tokens_file = tmp_path / "tokens.jsonl"
+    write_tokens(tokens_file, [TokenGrid(f"img{i}.png", torch.randint(0, 64, (8, 8)), fingerprint, 64) for i in range(2)])
+    proc = run_cli("compress-tokens", tokens_file, "--method", "tome", "--ratio", "2", "-c", tokenizer_ckpt,
+                   "--out", tmp_path / "from_tokens", "--json")
+    assert proc.returncode == 0, proc.stderr
+    [record] = json_lines(proc.stdout)
+    assert [r["tokens_out"] for r in record["items"]] == [32, 32]
+    assert record["items"][0]["fidelity_metric"] == "psnr_db"
+    assert (tmp_path / "from_tokens" / "tokens_img0.tome-x2.safetensors").is_file()
+
     out = tmp_path / "rs4.safetensors"
     proc = run_cli("compress-tokens", PHOTOS / "coffee.jpg", "--method", "resampler", "--ratio", "4",
                    "-c", tokenizer_ckpt, "-c", run, "--out", out, "--json")
@@ -179,12 +177,12 @@ def test_bad_input_is_one_line(features, tokenizer_ckpt, tmp_path):
     assert_one_line_error(run_cli("compress-tokens", features, "--method", "pool", "-c", features), 2,
                           "safetensors")
     foreign = tmp_path / "foreign.jsonl"
-    foreign.write_text(json.dumps({"file": "x.png", "grid": [8, 8], "tokens": [1] * 64,
-                                   "tokenizer": "0123456789abcdef"}) + "\n")
+    write_tokens(foreign, [TokenGrid("x.png", torch.ones(8, 8, dtype=torch.long), "0123456789abcdef", 64)])
     assert_one_line_error(run_cli("compress-tokens", foreign, "--method", "pool", "-c", tokenizer_ckpt), 2,
                           "different tokenizer")
-    wrong_grid = tmp_path / "wrong_grid.jsonl"
-    wrong_grid.write_text(json.dumps({"file": "x.png", "grid": [4, 4], "tokens": [1] * 16}) + "\n")
+    fingerprint = load_checkpoint(tokenizer_ckpt, "vqvae")[0].fingerprint()
+    wrong_grid = tmp_path / "wrong_grid.safetensors"
+    write_tokens(wrong_grid, [TokenGrid("x.png", torch.ones(4, 4, dtype=torch.long), fingerprint, 64)])
     assert_one_line_error(run_cli("compress-tokens", wrong_grid, "--method", "pool", "-c", tokenizer_ckpt), 2,
                           "different tokenizer")
     corrupt = tmp_path / "corrupt.npy"

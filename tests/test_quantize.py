@@ -104,3 +104,40 @@ def test_fsq_gradients_flow_straight_through():
     x = (torch.randn(10, 5) * 0.3).requires_grad_()
     fsq(x).z_q.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def _ddp_worker(rank: int, world: int, port: int, data: torch.Tensor, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(rank)  # different local RNG: only the broadcasts keep the ranks equal
+    synced = VectorQuantizer(3, 12, decay=0.8).train()  # k-means init, dead-code re-seeding
+    plain = VectorQuantizer(3, 12, decay=0.8, kmeans_init=False, dead_code_fraction=0.0).train()
+    plain.codebook.copy_(data[:12])
+    plain.embed_sum.copy_(data[:12])
+    shard = data.chunk(world)[rank]
+    for step in range(4):
+        for vq in (synced, plain):
+            vq(shard + 0.01 * step)
+    torch.save({"synced": synced.codebook, "plain": plain.codebook}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_all_reduces_codebook_statistics(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = torch.randn(200, 3, generator=torch.Generator().manual_seed(0))
+    mp.spawn(_ddp_worker, args=(2, port, data, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert torch.equal(ranks[0]["synced"], ranks[1]["synced"]), "every rank holds the same codebook"
+    single = VectorQuantizer(3, 12, decay=0.8, kmeans_init=False, dead_code_fraction=0.0).train()
+    single.codebook.copy_(data[:12])
+    single.embed_sum.copy_(data[:12])
+    for step in range(4):
+        single(data + 0.01 * step)
+    assert torch.allclose(ranks[0]["plain"], single.codebook, atol=1e-5), "two shards update like one batch"

@@ -21,6 +21,8 @@ COMMAND_MODULES = [
     "dsfuse.cli.compress",
     "dsfuse.cli.classify_video",
     "dsfuse.cli.moe",
+    "dsfuse.cli.train_vqvae",
+    "dsfuse.cli.tokenize_image",
 ]
 
 app = typer.Typer(

@@ -111,7 +111,7 @@ def load_sources(path: Path, models: Models, grid: tuple[int, int] | None, devic
     import torch
     from einops import rearrange
 
-    from dsfuse.data.tokens import as_token_grid, read_tensor_file
+    from dsfuse.data.features import as_token_grid, read_tensor_file
 
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
@@ -135,16 +135,10 @@ def load_sources(path: Path, models: Models, grid: tuple[int, int] | None, devic
 
 
 def is_tokens_file(path: Path) -> bool:
-    """A .safetensors of token ids: the tokenizer named in its metadata, or integer tensors only."""
-    from safetensors import safe_open
+    """A .safetensors written by tokenize-image (its metadata says so), not a feature tensor."""
+    from dsfuse.data.features import safetensors_metadata
 
-    from dsfuse.data.tokens import TOKENIZER_KEYS, safetensors_metadata
-
-    if any(key in safetensors_metadata(path) for key in TOKENIZER_KEYS):
-        return True
-    with safe_open(str(path), framework="pt") as f:
-        dtypes = [f.get_slice(name).get_dtype() for name in f.keys()]
-    return bool(dtypes) and all(d.startswith(("I", "U")) for d in dtypes)
+    return safetensors_metadata(path).get("format") == "dsfuse-tokens"
 
 
 def tokens_file_sources(path: Path, models: Models, device: torch.device) -> list[TokenSource]:
@@ -152,13 +146,15 @@ def tokens_file_sources(path: Path, models: Models, device: torch.device) -> lis
     import torch
     from einops import rearrange
 
-    from dsfuse.data.tokens import read_tokens_file
+    from dsfuse.data.tokens import read_tokens
 
     tokenizer = need_tokenizer(models, path)
-    entries, made_by = read_tokens_file(path)
-    if made_by is not None and made_by != models.tokenizer_id:
-        raise UsageError(f"tokens file was made by a different tokenizer ({made_by}) than --checkpoint's "
-                         f"({models.tokenizer_id})", path)
+    grids = read_tokens(path)
+    entries = [(Path(g.file).name, g.tokens) for g in grids]
+    for made_by in {g.tokenizer for g in grids}:
+        if made_by != models.tokenizer_id:
+            raise UsageError(f"tokens file was made by a different tokenizer ({made_by}) than --checkpoint's "
+                             f"({models.tokenizer_id})", path)
     grid = tokenizer.config.grid
     sources = []
     for name, ids in entries:
@@ -228,7 +224,8 @@ def attempt(source: TokenSource, method: str, ratio: float, models: Models, tome
 # --------------------------------------------------------------------------- compress-tokens run
 
 def output_path(out: Path | None, source: TokenSource, path: Path, method: str, ratio: float, many: bool) -> Path:
-    stem = source.name.replace(":", "_").rsplit(".", 1)[0] if ":" in source.name else path.stem
+    item = source.name.partition(":")[2]  # an image inside a tokens file
+    stem = f"{path.stem}_{Path(item).stem}" if item else path.stem
     name = f"{stem}.{method}-x{ratio:g}.safetensors"
     if out is None:
         return path.with_name(name)
@@ -237,7 +234,7 @@ def output_path(out: Path | None, source: TokenSource, path: Path, method: str, 
 
 def compress_one(path: Path, source: TokenSource, method: str, ratio: float, models: Models, judge: Judge,
                  tome_r: int | None, out: Path, force: bool) -> dict[str, Any]:
-    from dsfuse.data.tokens import write_compressed
+    from dsfuse.data.features import write_compressed
     from dsfuse.io import check_writable
 
     check_writable(out, force)
@@ -295,7 +292,7 @@ def compress_tokens(
 
     Example: dsfuse compress-tokens samples/images/photos/coffee.jpg -c runs/vq --method tome --ratio 4
     """
-    from dsfuse.data.tokens import parse_grid
+    from dsfuse.data.features import parse_grid
     from dsfuse.device import seed_everything, select_device
     from dsfuse.io import check_writable
 

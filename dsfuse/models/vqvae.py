@@ -50,6 +50,8 @@ class VQVAEConfig:
             raise ValueError(f"image size {self.image_size} is not a multiple of downsample {self.downsample}")
         if self.codebook_size < 2:
             raise ValueError(f"codebook size must be at least 2, got {self.codebook_size}")
+        if self.quantizer == "fsq":
+            fsq_levels(self.codebook_size)  # raises for a size it cannot make
 
     @property
     def widths(self) -> list[int]:
@@ -215,3 +217,28 @@ class VQVAE(nn.Module):
             digest.update(name.encode())
             digest.update(tensors[name].detach().float().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
+
+
+def training_loss(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Pixel MSE plus the quantizer's own loss (commitment for vq); `model` may be DDP-wrapped."""
+    reconstruction, quantized = model(images)
+    mse = F.mse_loss(reconstruction.float(), images.float())
+    stats = {"mse": mse.item(), **{k: float(v) for k, v in quantized.stats.items() if k != "loss"}}
+    return mse + quantized.stats["loss"], stats
+
+
+@torch.no_grad()
+def evaluate_tokenizer(model: VQVAE, images: torch.Tensor, batch_size: int = 16) -> tuple[dict[str, float], torch.Tensor]:
+    """PSNR, SSIM, codebook usage and perplexity over a set of images; also their reconstructions."""
+    from dsfuse.metrics import codebook_usage, psnr, ssim
+
+    device = next(model.parameters()).device
+    reconstructions, tokens = [], []
+    for chunk in images.split(batch_size):
+        quantized = model.quantize(model.encode(chunk.to(device)))
+        reconstructions.append(model.decode(quantized.z_q).float().clamp(-1, 1).cpu())
+        tokens.append(quantized.indices.cpu())
+    reconstruction = torch.cat(reconstructions)
+    usage, perplexity = codebook_usage(torch.cat(tokens), model.codebook_size)
+    return {"psnr": float(psnr(reconstruction, images).mean()), "ssim": float(ssim(reconstruction, images).mean()),
+            "usage": usage, "perplexity": perplexity}, reconstruction
