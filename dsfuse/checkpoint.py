@@ -26,6 +26,7 @@ from dsfuse.io import atomic_path
 MODEL_KINDS: dict[str, str] = {
     "toy": "dsfuse.models.toy:ToyRegressor",
     "av-fusion": "dsfuse.models.av_fusion:AVFusionClassifier",
+    "video": "dsfuse.models.video:VideoClassifier",
 }
 
 MODEL_FILE = "model.safetensors"
