@@ -27,6 +27,7 @@ MODEL_KINDS: dict[str, str] = {
     "toy": "dsfuse.models.toy:ToyRegressor",
     "av-fusion": "dsfuse.models.av_fusion:AVFusionClassifier",
     "video": "dsfuse.models.video:VideoClassifier",
+    "audio": "dsfuse.models.audio:AudioEmotionClassifier",
 }
 
 MODEL_FILE = "model.safetensors"

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "dsfuse.cli.info",
     "dsfuse.cli.demo",
     "dsfuse.cli.classify_video",
+    "dsfuse.cli.audio_emotion",
 ]
 
 app = typer.Typer(
