@@ -26,6 +26,7 @@ from dsfuse.io import atomic_path
 MODEL_KINDS: dict[str, str] = {
     "toy": "dsfuse.models.toy:ToyRegressor",
     "av-fusion": "dsfuse.models.av_fusion:AVFusionClassifier",
+    "av-video": "dsfuse.models.av_video:AudioVisualVideoClassifier",
     "video": "dsfuse.models.video:VideoClassifier",
     "audio": "dsfuse.models.audio:AudioEmotionClassifier",
 }
