@@ -73,7 +73,7 @@ def forward_ms(model: AVFusionClassifier, data: AudioVisualSet, device: torch.de
 def run_strategy(strategy: str, task: str, train: AudioVisualSet, test: AudioVisualSet, steps: int,
                  args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     seed_everything(args.seed)
-    model = AVFusionClassifier(AVFusionConfig(fusion=strategy, dim=args.dim, frame_size=train.spec.size))
+    model = AVFusionClassifier(AVFusionConfig(fusion=strategy, dim=args.dim))
     cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=min(50, steps // 10),
                       quiet=True, seed=args.seed, log_every=max(steps // 10, 1))
     with tempfile.TemporaryDirectory(prefix=f"fusion-{strategy}-") as run_dir:
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated, from " + ", ".join(STRATEGIES))
     parser.add_argument("--train", type=int, default=1024, help="training pairs per task")
     parser.add_argument("--test", type=int, default=512, help="held-out pairs per task")
-    parser.add_argument("--xor-steps", type=int, default=800)
-    parser.add_argument("--noise-steps", type=int, default=300)
+    parser.add_argument("--xor-steps", type=int, default=300)
+    parser.add_argument("--noise-steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--dim", type=int, default=64)
