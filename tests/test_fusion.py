@@ -68,6 +68,7 @@ def test_a_fully_padded_modality_gives_finite_output(strategy):
     assert torch.isfinite(fusion(tokens, masks)).all()
 
 
+@torch.no_grad()
 def _interaction(fusion: ModalityFusion) -> float:
     """f(a1,v1) + f(a2,v2) - f(a1,v2) - f(a2,v1): zero exactly when the modalities add up independently."""
     a1, a2 = torch.randn(2, 4, 5, DIMS[0])
@@ -162,6 +163,15 @@ def _toy_pairs(n: int, task: str, generator: torch.Generator) -> tuple[list[torc
         tokens[1] = 3 * torch.randn(n, 4, DIMS[1], generator=generator)
         return tokens, bits[0]
     return tokens, bits[0] ^ bits[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: on a busy machine a second thread only adds synchronisation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _train(strategy: str, task: str, steps: int = 150) -> tuple[ModalityFusion, float]:

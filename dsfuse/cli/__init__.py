@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "dsfuse.cli.demo",
     "dsfuse.cli.classify_video",
     "dsfuse.cli.audio_emotion",
+    "dsfuse.cli.video_fusion",
 ]
 
 app = typer.Typer(

@@ -14,6 +14,7 @@ from typing import Any
 from dsfuse.cli.common import emit_json, for_each_input, print_table, report_training, warn
 from dsfuse.errors import UsageError
 
+# the strategies of dsfuse.nn.fusion, spelled out so importing this module at startup needs no torch
 FUSION_CHOICES = ("none", "early", "mid", "late", "gated", "bottleneck", "qformer", "hybrid")
 FUSED_KIND = "av-video"
 
@@ -190,3 +191,32 @@ def predict_fused(paths: list[Path], checkpoint: Path, *, top_k: int, clips: int
             shown = max(len(r) for r in rows) - 1
             print_table(f"classify-video predict ({cfg.fusion} fusion with the soundtrack)",
                         ["file"] + [f"top {i + 1}" for i in range(shown)], rows)
+
+
+def register(app) -> None:
+    """No command of its own: --fusion and --compare-fusion live on classify-video (see its module)."""
+
+
+def demo_steps(samples: Path, out: Path) -> list:
+    from dsfuse.cli.demo import DemoStep
+
+    data, run = out / "av-data", out / "av-run"
+
+    def trained(records: list[dict]) -> str:
+        r = records[0]
+        return f"{r['fusion']} fusion, {r['step']} steps: held-out accuracy {r['accuracy']:.0%} (tiny run)"
+
+    def predicted(records: list[dict]) -> str:
+        return "; ".join(f"{Path(r['file']).stem} -> {r['top'][0]['label']}" for r in records)
+
+    return [
+        DemoStep("classify-video make-dataset --audio", ["classify-video", "make-dataset", str(data), "--per-class",
+                                                         "3", "--frames", "8", "--size", "32", "--audio"],
+                 lambda r: f"{r[0]['videos']} videos with soundtracks", [data]),
+        DemoStep("classify-video train --fusion", ["classify-video", "train", str(data), "--out", str(run),
+                                                   "--fusion", "gated", "--steps", "6", "--batch-size", "4",
+                                                   "--held-out", "0.34"], trained, [run]),
+        DemoStep("classify-video predict (fused)", ["classify-video", "predict", str(samples / "video" / "left.mp4"),
+                                                    str(samples / "video" / "right.mp4"), "--checkpoint", str(run),
+                                                    "--top-k", "2", "--clips", "1"], predicted),
+    ]
