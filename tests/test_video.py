@@ -57,8 +57,12 @@ def bad_files(folder: Path) -> dict[str, Path]:
     data = (SAMPLES / "left.mp4").read_bytes()
     (folder / "truncated.mp4").write_bytes(data[: len(data) // 3])
     sf.write(folder / "speech.wav", np.zeros(8000, dtype=np.float32), 16000)
+    with av.open(str(folder / "no_frames.mp4"), "w") as container:  # a valid mp4 with zero frames
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        container.start_encoding()  # writes the header although no frame follows
     return {"text": folder / "text.mp4", "empty": folder / "empty.mp4", "corrupt": folder / "truncated.mp4",
-            "audio-only": folder / "speech.wav"}
+            "audio-only": folder / "speech.wav", "zero-length": folder / "no_frames.mp4"}
 
 
 # --------------------------------------------------------------------------- decoding
@@ -145,8 +149,8 @@ def test_audio_track_mono_resampled_and_missing():
 
 
 def test_bad_files_are_one_input_error_each(tmp_path):
-    expected = {"text": "not a readable video", "empty": "empty file", "corrupt": "video",
-                "audio-only": "audio-only"}
+    expected = {"text": "not a readable video", "empty": "empty file", "corrupt": "not a readable video",
+                "audio-only": "audio-only", "zero-length": "no video stream or frames"}
     for kind, path in bad_files(tmp_path).items():
         with pytest.raises(InputError) as caught:
             read_clips(path, frames=4, fps=4.0)
@@ -257,7 +261,7 @@ def test_predict_reports_each_bad_file_and_goes_on(trained_run, tmp_path):
     assert_one_line_error(proc, 1)
     assert [Path(r["file"]).name for r in json_lines(proc.stdout)] == ["left.mp4"]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 4 and all(any(str(p) in e for e in errors) for p in bad.values()), errors
+    assert len(errors) == len(bad) and all(any(str(p) in e for e in errors) for p in bad.values()), errors
     assert "Traceback" not in proc.stderr
 
 

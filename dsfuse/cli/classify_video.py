@@ -87,20 +87,22 @@ def train(
     seed_everything(seed)
     train_cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(50, steps // 10),
                             eval_every=eval_every, num_workers=workers, quiet=quiet, seed=seed)
-    run_dir = prepare_run_dir(out, resume, force)
-
-    if resume and (run_dir / MODEL_FILE).exists():  # the run's own config, whatever the options say now
-        config = VideoConfig(**read_metadata(run_dir / MODEL_FILE)["config"])
+    previous = read_metadata(out / MODEL_FILE) if resume and (out / MODEL_FILE).exists() else None
+    if previous:  # the run's own config, whatever the options say now
+        config = VideoConfig(**previous["config"])
     else:
         config = VideoConfig.for_backbone(backbone, num_classes=0, frames=frames, fps=fps)
     folder = VideoFolder(data, config.frames, config.fps, config.decode_size)
     if len(folder.classes) < 2:
         raise UsageError("need at least two class folders", data)
+    if previous and previous["extra"].get("classes") != folder.classes:
+        raise UsageError("the class folders differ from the run's; resume with the same data", data)
     config = replace(config, num_classes=len(folder.classes))
     train_idx, held_idx = stratified_split(folder.labels, held_out, seed)
     if not held_idx:
         raise UsageError("need at least two videos per class to hold some out", data)
     train_set, held_set = folder.subset(train_idx, train=True), folder.subset(held_idx, train=False)
+    run_dir = prepare_run_dir(out, resume, force)
 
     model = VideoClassifier(config)
     if pretrained and not resume:
@@ -115,7 +117,8 @@ def train(
 
     result = fit(model, train_set, loss_fn, train_cfg, run_dir, kind="video", config=config, device=torch_device,
                  resume=resume, evaluate=evaluate, extra_meta={"classes": folder.classes})
-    plot_curves(read_metrics(run_dir), ["loss", "accuracy"], run_dir / "curves.png", title=f"classify-video {config.backbone}")
+    plot_curves(read_metrics(run_dir), ["loss", "accuracy"], run_dir / "curves.png",
+                title=f"classify-video {config.backbone}")
 
     report_training(result, {"backbone": config.backbone, "accuracy": result.metrics.get("eval_accuracy"),
                              "classes": folder.classes, "train_videos": len(train_set),
@@ -167,6 +170,24 @@ def load_classifier(checkpoint: Path | None, backbone: str | None, pretrained: b
     return model.to(device).eval(), kinetics_categories(backbone)
 
 
+def video_probabilities(model: VideoClassifier, path: Path, clips: int, device: torch.device) -> torch.Tensor:
+    """Class probabilities [classes] of one video: the mean over `clips` clips spread over it."""
+    import torch
+
+    from dsfuse.data.video import read_clips
+
+    cfg = model.config
+    frames = read_clips(path, cfg.frames, cfg.fps, clips, cfg.decode_size).to(device)
+    with torch.no_grad():
+        return model(model.preprocess(frames)).softmax(-1).mean(0)
+
+
+def top_labels(probs: torch.Tensor, classes: list[str], k: int) -> list[dict[str, Any]]:
+    """The `k` most likely labels, best first: [{"label", "score"}, ...]."""
+    scores, indices = probs.topk(min(k, len(classes)))
+    return [{"label": classes[i], "score": round(float(s), 4)} for s, i in zip(scores.tolist(), indices.tolist())]
+
+
 @command
 def predict(
     videos: Annotated[list[str], typer.Argument(help="Video files, folders or globs; - reads paths from stdin.")],
@@ -194,13 +215,10 @@ def predict(
         raise UsageError(f"clips must be at least 1, got {clips}", "--clips")
     if (checkpoint is None) == (not pretrained):
         raise UsageError("give either --checkpoint or --pretrained (with --backbone)", "--checkpoint/--pretrained")
-    import torch
-
-    from dsfuse.data.video import VIDEO_SUFFIXES, read_clips
-
-    paths = expand_inputs(videos, VIDEO_SUFFIXES)  # before the model: a typo fails fast
+    from dsfuse.data.video import VIDEO_SUFFIXES
     from dsfuse.device import seed_everything, select_device
 
+    paths = expand_inputs(videos, VIDEO_SUFFIXES)  # before the model: a typo fails fast
     torch_device = select_device(device)
     seed_everything(seed)
     from dsfuse.cli.video_fusion import is_fused_checkpoint, predict_fused
@@ -208,14 +226,9 @@ def predict(
     if checkpoint is not None and is_fused_checkpoint(checkpoint):  # trained with --fusion: frames + soundtrack
         return predict_fused(paths, checkpoint, top_k=top_k, clips=clips, device=torch_device, json=json, quiet=quiet)
     model, classes = load_classifier(checkpoint, backbone, pretrained, torch_device)
-    cfg = model.config
 
-    @torch.no_grad()
     def classify(path: Path) -> dict[str, Any]:
-        frames = read_clips(path, cfg.frames, cfg.fps, clips, cfg.decode_size).to(torch_device)
-        probs = model(model.preprocess(frames)).softmax(-1).mean(0)
-        scores, indices = probs.topk(min(top_k, len(classes)))
-        return {"top": [{"label": classes[i], "score": round(float(s), 4)} for s, i in zip(scores, indices.tolist())]}
+        return {"top": top_labels(video_probabilities(model, path, clips, torch_device), classes, top_k)}
 
     rows = []
     try:

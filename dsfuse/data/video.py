@@ -57,7 +57,7 @@ def _open(path: str | os.PathLike) -> av.container.InputContainer:
     try:
         return av.open(str(path), mode="r", metadata_errors="ignore")
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"not a readable video ({_ffmpeg_reason(e)})", path) from None
+        raise InputError(f"not a readable video: {_ffmpeg_reason(e)}", path) from None
 
 
 def _ffmpeg_reason(e: Exception) -> str:
@@ -66,7 +66,7 @@ def _ffmpeg_reason(e: Exception) -> str:
 
 def _video_stream(container: av.container.InputContainer, path: str | os.PathLike) -> av.VideoStream:
     if not container.streams.video:
-        kind = "an audio-only file" if container.streams.audio else "no video stream"
+        kind = "an audio-only file" if container.streams.audio else "no video stream or frames"
         raise InputError(f"not a video: {kind}", path)
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"  # frame + slice threads: decoding is most of the cost
@@ -117,7 +117,7 @@ def _first_frame(container: av.container.InputContainer, stream: av.VideoStream,
         for frame in container.decode(stream):
             return frame
     except av.error.FFmpegError as e:
-        raise InputError(f"corrupt video ({_ffmpeg_reason(e)})", path) from None
+        raise InputError(f"corrupt video: {_ffmpeg_reason(e)}", path) from None
     raise InputError("video has no frames (zero length)", path)
 
 
@@ -137,7 +137,7 @@ def clip_times(start: float, frames: int, fps: float) -> np.ndarray:
 
 
 def output_size(width: int, height: int, size: Size) -> tuple[int, int]:
-    """(height, width) after scaling to `size`: short side for an int, exact for a pair; even-free."""
+    """(height, width) after scaling to `size`: the short side for an int, exactly for a pair."""
     if size is None:
         return height, width
     if isinstance(size, int):
@@ -181,7 +181,7 @@ class _FrameCursor:
             return None
         except av.error.FFmpegError as e:
             if self.current is None and self.upcoming is None:
-                raise InputError(f"corrupt video ({_ffmpeg_reason(e)})", self.path) from None
+                raise InputError(f"corrupt video: {_ffmpeg_reason(e)}", self.path) from None
             return None  # a damaged tail: keep what decoded
 
     def frame_at(self, seconds: float) -> av.VideoFrame:
@@ -275,7 +275,7 @@ def read_all_frames(path: str | os.PathLike, size: Size = None) -> tuple[np.ndar
                 rgbs.append(_to_rgb(frame, rotation, size))
         except av.error.FFmpegError as e:
             if not rgbs:
-                raise InputError(f"corrupt video ({_ffmpeg_reason(e)})", path) from None
+                raise InputError(f"corrupt video: {_ffmpeg_reason(e)}", path) from None
     if not rgbs:
         raise InputError("video has no frames (zero length)", path)
     return np.asarray(times, dtype=np.float64), torch.from_numpy(np.stack(rgbs))
@@ -311,7 +311,7 @@ def read_audio_track(path: str | os.PathLike, sample_rate: int = 16000, start: f
                     break
         except av.error.FFmpegError as e:
             if not chunks:
-                raise InputError(f"corrupt audio track ({_ffmpeg_reason(e)})", path) from None
+                raise InputError(f"corrupt audio track: {_ffmpeg_reason(e)}", path) from None
         chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
     audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
     skip = max(0, round((start - (first or 0.0)) * sample_rate))

@@ -3,7 +3,7 @@
 Encoders: a small 3D CNN that trains on a CPU in minutes, and torchvision's r3d_18, mc3_18,
 r2plus1d_18, s3d, mvit_v2_s and swin3d_t, built without weights. Each backbone carries its own
 preprocessing (frames, fps, resize, crop, mean/std). Kinetics-400 weights come only from the local
-torch hub cache (`pretrained_weights`); nothing is ever downloaded.
+torch hub cache (`VideoClassifier.load_kinetics`); nothing is ever downloaded.
 """
 
 from __future__ import annotations
