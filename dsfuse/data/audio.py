@@ -159,21 +159,6 @@ def stream_audio(path: str | os.PathLike, block_seconds: float,
         raise InputError("audio stream holds no samples", path)
 
 
-def audio_duration(path: str | os.PathLike) -> float | None:
-    """Duration in seconds from the container header, when it says (None otherwise)."""
-    path = Path(path)
-    if _is_soundfile_readable(path):
-        info = sf.info(str(path))
-        return info.frames / info.samplerate
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            return float(container.duration / av.time_base) if container.duration else None
-    except av.error.FFmpegError:
-        return None
-
-
 # --------------------------------------------------------------------------- waveform clean-up
 
 def is_silent(wave: torch.Tensor) -> bool:
