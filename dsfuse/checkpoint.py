@@ -29,6 +29,10 @@ MODEL_KINDS: dict[str, str] = {
     "compressor": "dsfuse.models.compressor:TokenCompressor",
     "video": "dsfuse.models.video:VideoClassifier",
     "moe": "dsfuse.models.moe:MoEClassifier",
+    "av-fusion": "dsfuse.models.av_fusion:AVFusionClassifier",
+    "av-video": "dsfuse.models.av_video:AudioVisualVideoClassifier",
+    "video": "dsfuse.models.video:VideoClassifier",
+    "audio": "dsfuse.models.audio:AudioEmotionClassifier",
 }
 
 MODEL_FILE = "model.safetensors"

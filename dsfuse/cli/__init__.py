@@ -23,6 +23,8 @@ COMMAND_MODULES = [
     "dsfuse.cli.moe",
     "dsfuse.cli.train_vqvae",
     "dsfuse.cli.tokenize_image",
+    "dsfuse.cli.audio_emotion",
+    "dsfuse.cli.video_fusion",
 ]
 
 app = typer.Typer(

@@ -45,6 +45,10 @@ def train(
                                                                "to measure accuracy.")] = 0.2,
     eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate every N steps (0: at the end).")] = 0,
     workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")] = 0,
+    fusion: Annotated[str, typer.Option("--fusion", help="Fuse the frames with the video's soundtrack: none, early, "
+                                                         "mid, late, gated, bottleneck, qformer or hybrid.")] = "none",
+    compare_fusion: Annotated[bool, typer.Option("--compare-fusion", help="Train every fusion strategy into "
+                                                                          "OUT/<strategy> and tabulate them.")] = False,
     resume: ResumeOpt = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -61,6 +65,13 @@ def train(
         raise UsageError(f"held-out fraction must be between 0 and 1, got {held_out}", "--held-out")
     if (frames is not None and frames < 1) or (fps is not None and fps <= 0):
         raise UsageError("frames must be at least 1 and fps positive", "--frames/--fps")
+    if fusion != "none" or compare_fusion:  # frames + soundtrack, in cli/video_fusion.py
+        from dsfuse.cli.video_fusion import train_fused
+
+        return train_fused(data, out, fusion=fusion, compare=compare_fusion, backbone=backbone, steps=steps,
+                           batch_size=batch_size, lr=lr, frames=frames, fps=fps, held_out=held_out,
+                           eval_every=eval_every, workers=workers, resume=resume, device=device, seed=seed,
+                           json=json, quiet=quiet, force=force)
     import torch
 
     from dsfuse.checkpoint import MODEL_FILE, read_metadata
@@ -210,6 +221,10 @@ def predict(
     paths = expand_inputs(videos, VIDEO_SUFFIXES)  # before the model: a typo fails fast
     torch_device = select_device(device)
     seed_everything(seed)
+    from dsfuse.cli.video_fusion import is_fused_checkpoint, predict_fused
+
+    if checkpoint is not None and is_fused_checkpoint(checkpoint):  # trained with --fusion: frames + soundtrack
+        return predict_fused(paths, checkpoint, top_k=top_k, clips=clips, device=torch_device, json=json, quiet=quiet)
     model, classes = load_classifier(checkpoint, backbone, pretrained, torch_device)
 
     def classify(path: Path) -> dict[str, Any]:
