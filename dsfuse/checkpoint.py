@@ -26,13 +26,12 @@ from dsfuse.io import atomic_path
 MODEL_KINDS: dict[str, str] = {
     "toy": "dsfuse.models.toy:ToyRegressor",
     "vqvae": "dsfuse.models.vqvae:VQVAE",
-    "compressor": "dsfuse.models.compressor:TokenCompressor",
-    "video": "dsfuse.models.video:VideoClassifier",
     "moe": "dsfuse.models.moe:MoEClassifier",
-    "av-fusion": "dsfuse.models.av_fusion:AVFusionClassifier",
-    "av-video": "dsfuse.models.av_video:AudioVisualVideoClassifier",
     "video": "dsfuse.models.video:VideoClassifier",
     "audio": "dsfuse.models.audio:AudioEmotionClassifier",
+    "compressor": "dsfuse.models.compressor:TokenCompressor",
+    "av-fusion": "dsfuse.models.av_fusion:AVFusionClassifier",
+    "av-video": "dsfuse.models.av_video:AudioVisualVideoClassifier",
 }
 
 MODEL_FILE = "model.safetensors"
