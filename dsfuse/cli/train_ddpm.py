@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from dsfuse.cli.common import (DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, SeedOpt, command,
-                               console, emit_json, warn)
+                               console, report_training, warn)
 from dsfuse.errors import UsageError
 
 GRID_SAMPLES = 16
@@ -163,16 +163,9 @@ def train_ddpm(
                  device=torch_device, resume=resume, evaluate=evaluate, extra_meta=setup.to_meta())
     plot_curves(read_metrics(run_dir), ["loss", "grad_norm", "lr"], run_dir / "curves.png", title="train-ddpm")
 
-    summary = {"run_dir": str(run_dir), "step": result.step, "loss": result.metrics.get("loss"),
-               "seconds": round(result.seconds, 2), "images": len(images), "classes": dataset.classes,
-               "latent": setup.latent, "interrupted": result.interrupted,
-               "samples": str(run_dir / "samples.png"), "checkpoint": str(run_dir / "model.safetensors")}
-    if json:
-        emit_json(summary)
-    elif not quiet:
-        console.print(f"trained {result.step} steps in {result.seconds:.0f}s, loss {summary['loss']:.4f}; "
-                      f"samples: {summary['samples']}; checkpoint: {summary['checkpoint']}")
-
+    report_training(result, {"loss": result.metrics.get("loss"), "images": len(images), "classes": dataset.classes,
+                             "latent": setup.latent, "samples": str(run_dir / "samples.png"),
+                             "checkpoint": str(run_dir / "model.safetensors")}, json)
 
 def register(app: typer.Typer) -> None:
     app.command("train-ddpm")(train_ddpm)

@@ -28,10 +28,15 @@ class Sampler:
         self.set_timesteps(schedule.num_steps)
 
     def set_timesteps(self, num_steps: int) -> None:
-        """Use `num_steps` timesteps, evenly spaced from T-1 down to 0."""
-        if not 1 <= num_steps <= self.schedule.num_steps:
-            raise ValueError(f"steps must be between 1 and {self.schedule.num_steps}, got {num_steps}")
-        self.timesteps = torch.linspace(self.schedule.num_steps - 1, 0, num_steps).round().long()
+        """Use `num_steps` timesteps, evenly spaced and "trailing": from T-1 down to T/n - 1, then to x0.
+
+        Ending at T/n - 1 rather than 0 keeps the last jump (to no noise at all) as long as the others;
+        a long jump from t = 0 would waste a step, and make multistep solvers extrapolate too far.
+        """
+        total = self.schedule.num_steps
+        if not 1 <= num_steps <= total:
+            raise ValueError(f"steps must be between 1 and {total}, got {num_steps}")
+        self.timesteps = torch.linspace(total, 0, num_steps + 1)[:-1].round().long() - 1
         following = self.timesteps[1:].tolist() + [-1]
         self._previous = dict(zip(self.timesteps.tolist(), following))  # t -> the timestep after it (-1: done)
         self.reset()
