@@ -49,7 +49,7 @@ def _load_images(dataset, quiet: bool):
 def train_ddpm(
     data: Annotated[Path, typer.Argument(help="Image folder; with --class-conditional one subfolder per class.")],
     out: Annotated[Path, typer.Option("--out", help="Run directory to create.")],
-    image_size: Annotated[int, typer.Option("--image-size", help="Images are resized and centre-cropped to this side.")] = 32,
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Images are resized and centre-cropped to this side (default: 32, or the tokenizer's).")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 5000,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 64,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (warmup, then cosine decay).")] = 2e-4,
@@ -63,7 +63,7 @@ def train_ddpm(
     res_blocks: Annotated[int, typer.Option("--res-blocks", help="Residual blocks per level.")] = 2,
     attention: Annotated[str, typer.Option("--attention", help="Feature-map sides with self-attention, e.g. 16,8.")] = "16",
     dropout: Annotated[float, typer.Option("--dropout", help="Dropout in the residual blocks.")] = 0.1,
-    ema_decay: Annotated[float, typer.Option("--ema-decay", help="EMA of the weights; the EMA model is saved and sampled.")] = 0.999,
+    ema_decay: Annotated[float, typer.Option("--ema-decay", help="EMA of the weights (at most 1 - 10/steps); the EMA model is saved and sampled.")] = 0.999,
     sample_every: Annotated[int, typer.Option("--sample-every", help="Write a sample grid PNG every N steps (0: only at the end).")] = 500,
     tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="A train-vqvae checkpoint: train in its latent space.")] = None,
     resume: ResumeOpt = False,
@@ -85,7 +85,7 @@ def train_ddpm(
     from dsfuse.data.images import ImageFolder, save_grid
     from dsfuse.device import seed_everything, select_device
     from dsfuse.diffusion import OBJECTIVES, SCHEDULES, Objective, diffusion_loss
-    from dsfuse.diffusion.latents import encode_latents, prepare_tokenizer
+    from dsfuse.diffusion.latents import encode_latents, keep_tokenizer, load_tokenizer
     from dsfuse.diffusion.pipeline import DiffusionModel, DiffusionSetup
     from dsfuse.engine import TrainConfig, fit, prepare_run_dir, read_metrics
     from dsfuse.models.unet import UNet, UNetConfig
@@ -93,7 +93,7 @@ def train_ddpm(
 
     schedule = _choice(schedule, SCHEDULES, "--schedule")
     objective = _choice(objective, OBJECTIVES, "--objective")
-    if image_size < 8:
+    if image_size is not None and image_size < 8:
         raise UsageError(f"image size must be at least 8, got {image_size}", "--image-size")
     if not 0 <= label_dropout < 1:
         raise UsageError(f"must be in [0, 1), got {label_dropout}", "--label-dropout")
@@ -101,38 +101,47 @@ def train_ddpm(
         raise UsageError(f"must be between 0 and 1, got {ema_decay}", "--ema-decay")
     if sample_every < 0:
         raise UsageError(f"must be >= 0, got {sample_every}", "--sample-every")
+    # The EMA starts from the untrained weights: cap its horizon at a tenth of the run, so that they have
+    # faded (to e^-10) by the end of even a short run.
+    ema_decay = min(ema_decay, max(1 - 10 / max(steps, 1), 0.5))
     train_cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, seed=seed,
                             eval_every=sample_every, checkpoint_every=sample_every, quiet=quiet,
                             warmup_steps=min(200, steps // 10))
     torch_device = select_device(device)
-    run_dir = prepare_run_dir(out, resume, force)
-
-    dataset = ImageFolder(data, image_size, class_folders=class_conditional)
+    tokenizer_model = load_tokenizer(tokenizer, torch_device) if tokenizer is not None else None
+    if tokenizer_model is not None:
+        image_size = image_size or tokenizer_model.config.image_size
+    dataset = ImageFolder(data, image_size or 32, class_folders=class_conditional)
     if dataset.skipped:
         warn(f"skipped {len(dataset.skipped)} unreadable image(s), e.g. {dataset.skipped[0]}", quiet)
     if class_conditional and len(dataset.classes) < 2:
         raise UsageError("class-conditional training needs at least two class folders", data)
     images, labels = _load_images(dataset, quiet)
-
     setup = DiffusionSetup(schedule=schedule, objective=objective, classes=dataset.classes)
-    tokenizer_model = None
-    if tokenizer is not None:
-        tokenizer_model, setup.tokenizer = prepare_tokenizer(tokenizer, run_dir, torch_device)
+    if tokenizer_model is not None:
         images, setup.latent_scale = encode_latents(tokenizer_model, images, torch_device, quiet)
-    if resume:  # the architecture is the run's, whatever the flags say now
-        net_cfg = UNetConfig(**read_metadata(run_dir)["config"])
-    else:
-        net_cfg = UNetConfig(in_channels=images.shape[1], image_size=images.shape[-1],
-                             base_channels=base_channels, channel_mults=_int_list(channel_mults, "--channel-mults"),
-                             num_res_blocks=res_blocks, attention_resolutions=_int_list(attention, "--attention"),
-                             dropout=dropout, num_classes=len(dataset.classes) if class_conditional else 0)
+    net_cfg = UNetConfig(in_channels=images.shape[1], image_size=images.shape[-1], base_channels=base_channels,
+                         channel_mults=_int_list(channel_mults, "--channel-mults"), num_res_blocks=res_blocks,
+                         attention_resolutions=_int_list(attention, "--attention"), dropout=dropout,
+                         num_classes=len(dataset.classes) if class_conditional else 0)
     if net_cfg.image_size % 2 ** (len(net_cfg.channel_mults) - 1):
         raise UsageError(f"image side {net_cfg.image_size} must be divisible by 2^{len(net_cfg.channel_mults) - 1} "
                          "(one halving per extra level)", "--channel-mults")
 
+    run_dir = prepare_run_dir(out, resume, force)  # only now: bad input leaves no half-made run behind
+    if resume:  # the architecture and diffusion setup are the run's, whatever the flags say now
+        meta = read_metadata(run_dir)
+        net_cfg, saved = UNetConfig(**meta["config"]), DiffusionSetup.from_meta(meta["extra"])
+        if saved.classes != setup.classes or saved.latent != (tokenizer_model is not None):
+            raise UsageError("the data's classes or latent mode differ from the run being resumed", data)
+        images = images * setup.latent_scale / saved.latent_scale  # the scaling the run was trained with
+        setup = saved
+    elif tokenizer_model is not None:
+        setup.tokenizer = keep_tokenizer(tokenizer, run_dir)
+
     seed_everything(seed)
     net = UNet(net_cfg)
-    schedule_obj, objective_obj = setup.noise_schedule(), Objective(objective)
+    schedule_obj, objective_obj = setup.noise_schedule(), Objective(setup.objective)
 
     def loss_fn(model, batch):
         x0, y = batch

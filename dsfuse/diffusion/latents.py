@@ -18,17 +18,23 @@ from dsfuse.diffusion.pipeline import TOKENIZER_FILE
 from dsfuse.io import atomic_path
 
 
-def prepare_tokenizer(checkpoint: str | Path, run_dir: Path, device: torch.device) -> tuple[nn.Module, str]:
-    """Load a `vqvae` checkpoint and copy it into the run dir; returns (model, its file name there)."""
-    from dsfuse.checkpoint import load_checkpoint, resolve_checkpoint
+def load_tokenizer(checkpoint: str | Path, device: torch.device) -> nn.Module:
+    """A `vqvae` checkpoint (file or run dir), in eval mode."""
+    from dsfuse.checkpoint import load_checkpoint
 
-    source = resolve_checkpoint(checkpoint)
-    model, _ = load_checkpoint(source, kind="vqvae", device=device)
-    target = run_dir / TOKENIZER_FILE
+    model, _ = load_checkpoint(checkpoint, kind="vqvae", device=device)
+    return model.eval()
+
+
+def keep_tokenizer(checkpoint: str | Path, run_dir: Path) -> str:
+    """Copy the tokenizer checkpoint into the run dir; returns its file name there."""
+    from dsfuse.checkpoint import resolve_checkpoint
+
+    source, target = resolve_checkpoint(checkpoint), run_dir / TOKENIZER_FILE
     if source.resolve() != target.resolve():
         with atomic_path(target) as tmp:
             shutil.copyfile(source, tmp)
-    return model.eval(), TOKENIZER_FILE
+    return TOKENIZER_FILE
 
 
 @torch.no_grad()

@@ -84,9 +84,10 @@ class DiffusionModel:
         return torch.cat(images).clamp(-1, 1)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels as they are; latents snapped to the tokenizer's codebook, which its decoder was trained on."""
         if self.tokenizer is None:
             return x
-        return self.tokenizer.decode(x * self.setup.latent_scale)
+        return self.tokenizer.decode(self.tokenizer.quantize(x * self.setup.latent_scale).z_q)
 
 
 def load_diffusion(checkpoint: str | Path, device: torch.device | str = "cpu") -> DiffusionModel:
