@@ -166,7 +166,7 @@ def train_ddpm(
         params = sum(p.numel() for p in net.parameters())
         console.print(f"train-ddpm: {len(images)} images{' as latents' if setup.latent else ''} "
                       f"{tuple(images.shape[1:])}, {len(dataset.classes) or 'no'} classes, "
-                      f"UNet {params / 1e6:.2f}M parameters, {schedule} schedule, {objective} objective, "
+                      f"UNet {params / 1e6:.2f}M parameters, {setup.schedule} schedule, {setup.objective} objective, "
                       f"on {torch_device}")
     result = fit(net, TensorDataset(images, labels), loss_fn, train_cfg, run_dir, kind="unet", config=net_cfg,
                  device=torch_device, resume=resume, evaluate=evaluate, extra_meta=setup.to_meta())
@@ -175,6 +175,7 @@ def train_ddpm(
     report_training(result, {"loss": result.metrics.get("loss"), "images": len(images), "classes": dataset.classes,
                              "latent": setup.latent, "samples": str(run_dir / "samples.png"),
                              "checkpoint": str(run_dir / "model.safetensors")}, json)
+
 
 def register(app: typer.Typer) -> None:
     app.command("train-ddpm")(train_ddpm)
