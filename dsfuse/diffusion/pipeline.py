@@ -56,13 +56,6 @@ class DiffusionModel:
     def conditional(self) -> bool:
         return bool(self.net.config.num_classes)
 
-    def class_index(self, name: str) -> int:
-        if not self.conditional:
-            raise ValueError("this model was trained without classes")
-        if name not in self.setup.classes:
-            raise KeyError(name)
-        return self.setup.classes.index(name)
-
     @torch.no_grad()
     def generate(self, n: int, *, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
                  labels: torch.Tensor | None = None, guidance: float = 1.0, generator: torch.Generator | None = None,

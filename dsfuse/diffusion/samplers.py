@@ -24,7 +24,6 @@ class Sampler:
 
     def __init__(self, schedule: NoiseSchedule, objective: Objective, clip_x0: float | None = 1.0):
         self.schedule, self.objective, self.clip_x0 = schedule, objective, clip_x0
-        self.timesteps = torch.arange(schedule.num_steps - 1, -1, -1)
         self.set_timesteps(schedule.num_steps)
 
     def set_timesteps(self, num_steps: int) -> None:
