@@ -32,6 +32,7 @@ MODEL_KINDS: dict[str, str] = {
     "compressor": "dsfuse.models.compressor:TokenCompressor",
     "av-fusion": "dsfuse.models.av_fusion:AVFusionClassifier",
     "av-video": "dsfuse.models.av_video:AudioVisualVideoClassifier",
+    "unet": "dsfuse.models.unet:UNet",
 }
 
 MODEL_FILE = "model.safetensors"

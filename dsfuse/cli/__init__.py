@@ -25,6 +25,8 @@ COMMAND_MODULES = [  # in the order `--help` lists them and `demo` runs them
     "dsfuse.cli.audio_emotion",
     "dsfuse.cli.compress",
     "dsfuse.cli.demo",
+    "dsfuse.cli.train_ddpm",
+    "dsfuse.cli.sample",
 ]
 
 app = typer.Typer(
