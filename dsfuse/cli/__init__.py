@@ -19,14 +19,14 @@ COMMAND_MODULES = [  # in the order `--help` lists them and `demo` runs them
     "dsfuse.cli.info",
     "dsfuse.cli.train_vqvae",
     "dsfuse.cli.tokenize_image",
+    "dsfuse.cli.train_ddpm",
+    "dsfuse.cli.sample",
     "dsfuse.cli.moe",
     "dsfuse.cli.classify_video",
     "dsfuse.cli.video_fusion",
     "dsfuse.cli.audio_emotion",
     "dsfuse.cli.compress",
     "dsfuse.cli.demo",
-    "dsfuse.cli.train_ddpm",
-    "dsfuse.cli.sample",
 ]
 
 app = typer.Typer(
