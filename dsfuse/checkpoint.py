@@ -25,7 +25,14 @@ from dsfuse.io import atomic_path
 # kind -> "module:Class". The class takes one config dataclass, exposed as `Class.Config`.
 MODEL_KINDS: dict[str, str] = {
     "toy": "dsfuse.models.toy:ToyRegressor",
+    "vqvae": "dsfuse.models.vqvae:VQVAE",
+    "moe": "dsfuse.models.moe:MoEClassifier",
+    "video": "dsfuse.models.video:VideoClassifier",
     "audio": "dsfuse.models.audio:AudioEmotionClassifier",
+    "compressor": "dsfuse.models.compressor:TokenCompressor",
+    "av-fusion": "dsfuse.models.av_fusion:AVFusionClassifier",
+    "av-video": "dsfuse.models.av_video:AudioVisualVideoClassifier",
+    "unet": "dsfuse.models.unet:UNet",
 }
 
 MODEL_FILE = "model.safetensors"

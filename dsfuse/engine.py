@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
@@ -192,6 +192,21 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def ema_with_warmup(decay: float) -> Callable:
+    """EMA update whose decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates,
+    so a short run's EMA weights are not dominated by the random initialisation."""
+
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged) -> None:
+        if not (torch.is_floating_point(ema_params[0]) or torch.is_complex(ema_params[0])):
+            torch._foreach_copy_(ema_params, params)  # counters and other integer buffers: take the latest
+            return
+        n = float(num_averaged)
+        torch._foreach_lerp_(ema_params, params, 1 - min(decay, (1 + n) / (10 + n)))
+
+    return update
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, (DistributedDataParallel, AveragedModel)) else model
 
@@ -259,7 +274,7 @@ class Trainer:
         self.dataset, self.collate_fn = dataset, collate_fn or default_collate
 
         self.model = model.to(self.device)
-        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        self.ema = (AveragedModel(self.model, multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
                     if cfg.ema_decay else None)
         decay, no_decay = [], []
         for p in self.model.parameters():

@@ -142,3 +142,17 @@ def test_ctrl_c_finishes_the_step_saves_and_resume_continues(tmp_path):
     assert 0 < state["step"] < 1_000_000
     assert read_metrics(tmp_path)[-1]["step"] == state["step"]
     load_checkpoint(tmp_path, kind="toy")  # the weights file is complete
+
+
+def test_ema_warms_up_instead_of_clinging_to_the_initial_weights():
+    from dsfuse.engine import ema_with_warmup
+
+    ema, current = [torch.zeros(3)], [torch.ones(3)]
+    update = ema_with_warmup(0.999)
+    update(ema, current, torch.tensor(0))  # first update: decay 0.1, not 0.999
+    assert torch.allclose(ema[0], torch.full((3,), 0.9))
+    update(ema, current, torch.tensor(10_000))  # late updates use the configured decay
+    assert torch.allclose(ema[0], torch.full((3,), 0.9 + 0.1 * 0.001))
+    counts = [torch.tensor([1, 2])]
+    update(counts, [torch.tensor([5, 6])], torch.tensor(3))
+    assert counts[0].tolist() == [5, 6]

@@ -15,10 +15,18 @@ except ImportError:  # pragma: no cover - older typer on real click
 from dsfuse import __version__
 
 # Each module has `register(app)` and may have `demo_steps(samples, out)` (see cli/demo.py).
-COMMAND_MODULES = [
+COMMAND_MODULES = [  # in the order `--help` lists them and `demo` runs them
     "dsfuse.cli.info",
-    "dsfuse.cli.demo",
+    "dsfuse.cli.train_vqvae",
+    "dsfuse.cli.tokenize_image",
+    "dsfuse.cli.train_ddpm",
+    "dsfuse.cli.sample",
+    "dsfuse.cli.moe",
+    "dsfuse.cli.classify_video",
+    "dsfuse.cli.video_fusion",
     "dsfuse.cli.audio_emotion",
+    "dsfuse.cli.compress",
+    "dsfuse.cli.demo",
 ]
 
 app = typer.Typer(
@@ -50,7 +58,7 @@ for _name in COMMAND_MODULES:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: usage errors become one line and exit code 2."""
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="dsfuse", standalone_mode=False)
     except click_errors.NoArgsIsHelpError as e:
         print(e.ctx.get_help() if e.ctx else str(e), file=sys.stderr)
         code = 2

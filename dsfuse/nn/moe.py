@@ -12,15 +12,16 @@ inspection: expert ids, kept assignments, loads, probabilities, the unweighted l
 Routers: "topk" (softmax, DeepSeek-V2/Switch), "noisy" (Shazeer et al. 2017: tunable Gaussian noise on
 the logits while training), "aux-free" (DeepSeek-V3: sigmoid affinities, top-k chosen on affinity +
 a per-expert bias that is nudged after every training forward towards equal loads; no gradient).
-Dispatch sorts assignments by expert; "padded" (the default) runs every expert at once as one batched
-matmul over a buffer padded to the busiest expert's load, "sorted" loops over contiguous slices,
-"grouped" uses torch's grouped matmul. All equal `moe_naive`, the per-expert boolean-mask loop.
+Dispatch sorts assignments by expert once; "sorted" (the default) then runs each expert on its
+contiguous slice and adds the gated output straight back, "padded" runs all experts as one batched
+matmul over a buffer padded to the busiest expert's load, "grouped" uses torch's grouped matmul.
+All equal `moe_naive`, the seed's per-expert boolean-mask loop (tests and bench/moe.py check it).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +32,7 @@ from torch import nn
 from dsfuse.nn.ffn import SwiGLU
 
 ROUTERS = ("topk", "noisy", "aux-free")
-DISPATCHES = ("padded", "sorted", "grouped")
+DISPATCHES = ("sorted", "padded", "grouped")
 
 
 @dataclass
@@ -47,7 +48,7 @@ class MoEConfig:
     seq_balance_weight: float = 0.0  # DeepSeek-V3's sequence-wise balance loss
     z_weight: float = 0.001  # router z-loss
     bias_update_rate: float = 0.001  # aux-free: how far each forward nudges the expert biases
-    dispatch: str = "padded"  # padded | sorted | grouped
+    dispatch: str = "sorted"  # sorted | padded | grouped
 
     def __post_init__(self) -> None:
         if self.n_experts < 1:
@@ -81,9 +82,10 @@ class SwiGLUExperts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(n, dim, 2 * hidden).uniform_(-dim**-0.5, dim**-0.5))
         self.w2 = nn.Parameter(torch.empty(n, hidden, dim).uniform_(-hidden**-0.5, hidden**-0.5))
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert `e` on rows x [M, dim]."""
-        return self._gated(x @ self.w13[e]) @ self.w2[e]
+    def expert(self, e: int, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert `e` on rows x [M, dim]; `scale` [M, 1] multiplies the hidden layer (cheaper than the output)."""
+        hidden = self._gated(x @ self.w13[e])
+        return (hidden if scale is None else hidden * scale) @ self.w2[e]
 
     def batched(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on its own rows: x [n, C, dim] -> [n, C, dim]."""
@@ -92,6 +94,18 @@ class SwiGLUExperts(nn.Module):
     def grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Rows sorted by expert, expert e owning rows offsets[e-1]:offsets[e] (int32 cumulative counts)."""
         return F.grouped_mm(self._gated(F.grouped_mm(x, self.w13, offs=offsets)), self.w2, offs=offsets)
+
+    @torch.no_grad()
+    def as_modules(self) -> nn.ModuleList:
+        """The same experts as separate SwiGLU modules (copies): the unfused form of the seed's loop."""
+        modules = nn.ModuleList()
+        for w13, w2 in zip(self.w13, self.w2):
+            expert = SwiGLU(w13.shape[0], self.hidden).to(w13)
+            expert.w1.weight.copy_(w13[:, :self.hidden].T)
+            expert.w3.weight.copy_(w13[:, self.hidden:].T)
+            expert.w2.weight.copy_(w2.T)
+            modules.append(expert)
+        return modules
 
     def _gated(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.split(self.hidden, dim=-1)
@@ -106,6 +120,7 @@ class Routing:
     probs: torch.Tensor  # [N, E] the affinity distribution the balance losses use (rows sum to 1)
     expert_ids: torch.Tensor  # [N, k]
     weights: torch.Tensor  # [N, k] gate values multiplying each chosen expert's output
+    log_norm: torch.Tensor  # [N] log-sum-exp of the logits (the router z-loss squares it)
 
 
 class Router(nn.Module):
@@ -125,18 +140,19 @@ class Router(nn.Module):
         logits = self.gate(x).float()
         if self.kind == "aux-free":
             affinity = torch.sigmoid(logits)
-            _, ids = (affinity + self.bias).topk(self.top_k, dim=-1)  # the bias picks, it never weighs
+            _, ids = (affinity + self.bias).topk(self.top_k, dim=-1, sorted=False)  # the bias picks, never weighs
             chosen = affinity.gather(-1, ids)
             weights = chosen / chosen.sum(-1, keepdim=True)
             probs = affinity / affinity.sum(-1, keepdim=True)
-            return Routing(logits, probs, ids, weights.to(x.dtype))
+            return Routing(logits, probs, ids, weights.to(x.dtype), torch.logsumexp(logits, dim=-1))
         if self.kind == "noisy" and self.training:
             logits = logits + torch.randn_like(logits) * F.softplus(self.noise(x).float())
-        probs = logits.softmax(-1)
-        top, ids = probs.topk(self.top_k, dim=-1)
+        log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # kept: the z-loss needs it too
+        probs = torch.exp(logits - log_norm)
+        top, ids = probs.topk(self.top_k, dim=-1, sorted=False)
         if self.kind == "noisy":  # softmax over the kept logits only
             top = top / top.sum(-1, keepdim=True)
-        return Routing(logits, probs, ids, top.to(x.dtype))
+        return Routing(logits, probs, ids, top.to(x.dtype), log_norm[:, 0])
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor, rate: float) -> None:
@@ -187,11 +203,9 @@ def dispatch_padded(x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, 
     """One batched matmul over [E, C, D], C the busiest expert's load: no Python loop over experts."""
     n_experts, k = experts.w13.shape[0], weights.shape[1]
     rows = int(plan.load.max())  # the one host sync
-    slot_row = plan.expert * rows + plan.position
-    slots = plan.order if plan.kept is not None else None
-    src = torch.arange(x.shape[0] * k, device=x.device) // k if slots is None else slots // k
-    dest = slot_row if slots is None else slot_row[slots]
-    buffer = x.new_zeros(n_experts * rows, x.shape[1]).index_copy_(0, dest, x.index_select(0, src))
+    slot_row = plan.expert * rows + plan.position  # where each slot sits in the padded buffer
+    buffer = x.new_zeros(n_experts * rows, x.shape[1]).index_copy_(
+        0, slot_row[plan.order], x.index_select(0, plan.order // k))
     out = experts.batched(buffer.view(n_experts, rows, -1)).view(n_experts * rows, -1)
     if plan.kept is not None:  # dropped slots read row 0 with weight 0
         slot_row = torch.where(plan.kept, slot_row, 0)
@@ -199,50 +213,48 @@ def dispatch_padded(x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, 
     return _combine(out, slot_row, weights)
 
 
-def _sorted_rows(x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan,
-                 run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Gather the kept slots' tokens in expert order, run the experts, scatter back through the plan."""
-    k = weights.shape[1]
-    out = run(x.index_select(0, plan.order // k))
-    row_of_slot = torch.zeros(x.shape[0] * k, dtype=torch.long, device=x.device)
-    row_of_slot[plan.order] = torch.arange(len(plan.order), device=x.device)
-    if plan.kept is not None:
-        weights = weights * plan.kept.view_as(weights)
-    return _combine(out, row_of_slot, weights)
-
-
 def dispatch_sorted(x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, experts: SwiGLUExperts
                     ) -> torch.Tensor:
-    """Each expert on its contiguous slice of the sorted tokens."""
-    def run(rows: torch.Tensor) -> torch.Tensor:
-        pieces, start = [], 0
-        for e, count in enumerate(plan.load.tolist()):
-            if count:
-                pieces.append(experts.expert(e, rows[start:start + count]))
-            start += count
-        return torch.cat(pieces) if pieces else rows[:0]
-    return _sorted_rows(x, weights, plan, run)
+    """Each expert on its contiguous slice of the sorted slots: gather its tokens, run it, and add the
+    gated output straight back into place, so every buffer stays small and cache-hot."""
+    k = weights.shape[1]
+    tokens = plan.order // k
+    gates = weights.flatten().index_select(0, plan.order)[:, None]
+    out = torch.zeros_like(x)
+    start = 0
+    for e, count in enumerate(plan.load.tolist()):  # the one host sync
+        if count:
+            rows = tokens[start:start + count]
+            out.index_add_(0, rows, experts.expert(e, x.index_select(0, rows), gates[start:start + count]))
+        start += count
+    return out
 
 
 def dispatch_grouped(x: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, experts: SwiGLUExperts
                      ) -> torch.Tensor:
-    """torch's grouped matmul over the sorted tokens (fast on recent GPUs; a loop inside on CPU)."""
-    offsets = plan.load.cumsum(0).to(torch.int32)
-    return _sorted_rows(x, weights, plan, lambda rows: experts.grouped(rows, offsets))
+    """torch's grouped matmul over all sorted tokens at once (fast on recent GPUs; a loop inside on CPU)."""
+    k = weights.shape[1]
+    out = experts.grouped(x.index_select(0, plan.order // k), plan.load.cumsum(0).to(torch.int32))
+    row_of_slot = torch.zeros(x.shape[0] * k, dtype=torch.long, device=x.device)  # dropped slots: row 0 ...
+    row_of_slot[plan.order] = torch.arange(len(plan.order), device=x.device)
+    if plan.kept is not None:
+        weights = weights * plan.kept.view_as(weights)  # ... with weight 0
+    return _combine(out, row_of_slot, weights)
 
 
 DISPATCH = {"padded": dispatch_padded, "sorted": dispatch_sorted, "grouped": dispatch_grouped}
 
 
-def moe_naive(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, experts: SwiGLUExperts
-              ) -> torch.Tensor:
-    """The seed's loop, kept as the reference: per expert, a boolean mask of its tokens."""
+def moe_naive(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+              experts: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+    """The seed's loop, kept as the reference: per expert, a boolean mask of its tokens, run the expert
+    on them, add the weighted output. `experts[e]` maps rows [M, D] to [M, D]."""
     out = torch.zeros_like(x)
-    for e in range(experts.w13.shape[0]):
+    for e, expert in enumerate(experts):
         hit = expert_ids == e
         tokens = hit.any(-1)
         if tokens.any():
-            out[tokens] += experts.expert(e, x[tokens]) * (weights * hit).sum(-1)[tokens, None]
+            out[tokens] += expert(x[tokens]) * (weights * hit).sum(-1)[tokens, None]
     return out
 
 
@@ -265,9 +277,9 @@ def seq_balance_loss(probs: torch.Tensor, expert_ids: torch.Tensor, n_seqs: int)
     return n_experts * (share * probs.mean(1)).sum(-1).mean()
 
 
-def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE's router z-loss: mean squared log-sum-exp of the logits, keeping them small."""
-    return torch.logsumexp(logits, dim=-1).square().mean()
+def z_loss(log_norm: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss from each token's log-sum-exp of the logits: mean square, keeping logits small."""
+    return log_norm.square().mean()
 
 
 @dataclass
@@ -310,7 +322,7 @@ class MoE(nn.Module):
     def _account(self, routing: Routing, plan: DispatchPlan, n_seqs: int) -> None:
         """Auxiliary losses, the routing record, and the aux-free bias step."""
         cfg = self.cfg
-        raw = {"balance": balance_loss(routing.probs, plan.demand), "z": z_loss(routing.logits)}
+        raw = {"balance": balance_loss(routing.probs, plan.demand), "z": z_loss(routing.log_norm)}
         if cfg.seq_balance_weight:
             raw["seq_balance"] = seq_balance_loss(routing.probs, routing.expert_ids, n_seqs)
         weights = {"balance": cfg.balance_weight, "seq_balance": cfg.seq_balance_weight, "z": cfg.z_weight}
