@@ -18,6 +18,7 @@ from dsfuse import __version__
 COMMAND_MODULES = [
     "dsfuse.cli.info",
     "dsfuse.cli.demo",
+    "dsfuse.cli.chat",
 ]
 
 app = typer.Typer(
