@@ -71,7 +71,8 @@ def command(fn: F) -> F:
             error_line(f"{type(e).__name__}: {detail} (run again with --debug for the traceback)")
             raise typer.Exit(1) from None
 
-    wrapper.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
+    # eval_str: resolve string annotations in fn's module, or Typer (reading the wrapper) loses their help texts
+    wrapper.__signature__ = inspect.signature(fn, eval_str=True)  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
 
 
