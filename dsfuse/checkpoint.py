@@ -25,6 +25,7 @@ from dsfuse.io import atomic_path
 # kind -> "module:Class". The class takes one config dataclass, exposed as `Class.Config`.
 MODEL_KINDS: dict[str, str] = {
     "toy": "dsfuse.models.toy:ToyRegressor",
+    "llama": "dsfuse.models.llama:Llama",
 }
 
 MODEL_FILE = "model.safetensors"
