@@ -38,7 +38,7 @@ def _make_backend(backend: BackendChoice, base_url: str | None, model: str | Non
         from dsfuse.agent.local import LocalBackend
 
         return LocalBackend.load(device=device, temperature=temperature, top_p=top_p, max_new_tokens=max_tokens,
-                                 seed=seed, think=bool(think))
+                                 seed=seed)
     url = base_url or DEEPSEEK_BASE_URL
     if not key and url == DEEPSEEK_BASE_URL:
         raise ApiError(f"no API key: set {KEY_ENV} or write the key to {KEY_FILE} (mode 0600)", "--backend remote")

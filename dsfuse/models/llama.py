@@ -49,6 +49,18 @@ class Llama(nn.Module):
     def new_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
 
+    @staticmethod
+    def fork_cache(cache: list[KVCache], length: int) -> list[KVCache]:
+        """A copy of the first `length` cached positions that can grow on its own (GQA caches k and v
+        as [B, H, T, D]; appending concatenates, so the originals are never written in place)."""
+        forked = []
+        for layer in cache:
+            twin = KVCache()
+            twin.tensors = {name: t[:, :, :length] for name, t in layer.tensors.items()}
+            twin.length = min(length, layer.length)
+            forked.append(twin)
+        return forked
+
     def forward(self, tokens: torch.Tensor, cache: list[KVCache] | None = None, last_only: bool = False
                 ) -> torch.Tensor:
         """Logits [B, T, V] for tokens [B, T] (positions continue after the cache); `last_only`: [B, 1, V]."""
