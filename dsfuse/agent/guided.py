@@ -48,8 +48,10 @@ class ToolCallDecoder:
     """Builds one tool call with a model session: `logits()` for the next token, `push(ids)` to extend."""
 
     def __init__(self, vocab: Vocabulary, logits: Callable[[], torch.Tensor], push: Callable[[list[int]], None],
-                 encode: Callable[[str], list[int]], pick: Callable[[torch.Tensor], int]):
+                 encode: Callable[[str], list[int]], pick: Callable[[torch.Tensor], int],
+                 paths: list[str] | None = None):
         self.vocab, self.logits, self.push, self.encode, self.pick = vocab, logits, push, encode, pick
+        self.paths = paths or []
         self.text = ""
 
     def force(self, text: str) -> None:
@@ -118,6 +120,8 @@ class ToolCallDecoder:
             return self.choose(["true", "false"]) == "true"
         if kind in ("integer", "number"):
             return self.number(kind == "integer")
+        if schema.get("format") == "path" and self.paths:
+            return json.loads(self.choose([json.dumps(p) for p in self.paths]))
         if kind == "array":
             self.force("[")
             items = [self.value(schema.get("items", {}))]

