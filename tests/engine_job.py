@@ -34,5 +34,7 @@ def make_trainer(run_dir: Path, dropout: float = 0.1, **overrides) -> Trainer:
                    device=torch.device("cpu"))
 
 
-if __name__ == "__main__":  # torchrun --nproc-per-node 2 tests/engine_job.py RUN_DIR BATCH
-    make_trainer(Path(sys.argv[1]), dropout=0.0, batch_size=int(sys.argv[2]), steps=6).fit()
+if __name__ == "__main__":  # [torchrun --nproc-per-node 2] tests/engine_job.py RUN_DIR BATCH [STEPS]
+    steps = int(sys.argv[3]) if len(sys.argv) > 3 else 6
+    result = make_trainer(Path(sys.argv[1]), dropout=0.0, batch_size=int(sys.argv[2]), steps=steps).fit()
+    print(f"stopped at step {result.step}, interrupted={result.interrupted}", flush=True)

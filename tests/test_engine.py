@@ -122,3 +122,23 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     ddp_model, _ = load_checkpoint(tmp_path / "ddp", kind="toy")
     _assert_same(_weights(ddp_model), _weights(single.model), atol=1e-5)
     assert len(read_metrics(tmp_path / "ddp")) == 6, "only rank 0 logs"
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resume_continues(tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
+    job = [sys.executable, str(REPO / "tests" / "engine_job.py"), str(tmp_path), "8"]
+    proc = subprocess.Popen([*job, "1000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "interrupted=True" in out and "Traceback" not in err
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert 0 < state["step"] < 1_000_000
+    assert read_metrics(tmp_path)[-1]["step"] == state["step"]
+    load_checkpoint(tmp_path, kind="toy")  # the weights file is complete

@@ -50,7 +50,7 @@ for _name in COMMAND_MODULES:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: usage errors become one line and exit code 2."""
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="dsfuse", standalone_mode=False)
     except click_errors.NoArgsIsHelpError as e:
         print(e.ctx.get_help() if e.ctx else str(e), file=sys.stderr)
         code = 2

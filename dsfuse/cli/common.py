@@ -161,3 +161,16 @@ def for_each_input(paths: list[Path], process: Callable[[Path], dict[str, Any]],
         yield path, result
     if failed:
         raise typer.Exit(1)
+
+
+def report_training(result: Any, summary: dict[str, Any], as_json: bool) -> None:
+    """Print a trainer's outcome (JSON or a table); an interrupted run says how to resume and exits 130."""
+    record = {"run_dir": str(result.run_dir), "step": result.step, "interrupted": result.interrupted,
+              "seconds": round(result.seconds, 2), **summary}
+    if as_json:
+        emit_json(record)
+    else:
+        print_table(f"run {result.run_dir}", ["what", "value"], [(k, v) for k, v in record.items()])
+    if result.interrupted:
+        error_line(f"interrupted at step {result.step}; saved — continue with --resume ({result.run_dir})")
+        raise typer.Exit(130)

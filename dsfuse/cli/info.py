@@ -7,7 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 import typer
 
 from dsfuse import __version__
-from dsfuse.cli.common import DebugOpt, DeviceOpt, JsonOpt, command, console, emit_json, print_table
+from dsfuse.cli.common import DebugOpt, DeviceOpt, JsonOpt, QuietOpt, command, console, emit_json, print_table
 
 PACKAGES = ["torch", "torchvision", "torchaudio", "av", "soundfile", "numpy", "safetensors", "typer"]
 
@@ -60,7 +60,7 @@ def collect_info(device: str = "auto") -> dict:
 
 
 @command
-def info(device: DeviceOpt = "auto", json: JsonOpt = False, debug: DebugOpt = False) -> None:
+def info(device: DeviceOpt = "auto", json: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False) -> None:
     """Show versions, devices and whether torchvision's and torchaudio's compiled ops load.
 
     Example: dsfuse info --json
