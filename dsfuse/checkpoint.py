@@ -25,6 +25,7 @@ from dsfuse.io import atomic_path
 # kind -> "module:Class". The class takes one config dataclass, exposed as `Class.Config`.
 MODEL_KINDS: dict[str, str] = {
     "toy": "dsfuse.models.toy:ToyRegressor",
+    "vqvae": "dsfuse.models.vqvae:VQVAE",
     "llama": "dsfuse.models.llama:Llama",
 }
 

@@ -18,6 +18,8 @@ from dsfuse import __version__
 COMMAND_MODULES = [
     "dsfuse.cli.info",
     "dsfuse.cli.demo",
+    "dsfuse.cli.train_vqvae",
+    "dsfuse.cli.tokenize_image",
     "dsfuse.cli.chat",
 ]
 
