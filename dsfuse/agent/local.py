@@ -113,6 +113,7 @@ class LocalBackend:
         self.name = f"local SmolLM2-135M-Instruct on dsfuse's Llama ({device}, offline)"
         self.prompt_cache = Context()
         self.calls = 0
+        self.result_chars = 1200  # tool output costs prompt tokens; a small model reads little of it anyway
 
     @classmethod
     def load(cls, device: str = "auto", temperature: float = 0.0, top_p: float = 0.9, max_new_tokens: int = 0,

@@ -71,6 +71,7 @@ class Agent:
     confirm: Confirm | None = None  # None: run file-writing commands without asking (--yes)
     max_rounds: int = 6
     tool_timeout: float = 600
+    result_chars: int = 4000  # how much of a tool's output the model reads
     messages: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -104,7 +105,7 @@ class Agent:
                 reply.tool_calls.append(record)
                 if on_tool:
                     on_tool(record)
-                self._add({"role": "tool", "tool_call_id": call.id, "content": result_text(record["result"])})
+                self._add({"role": "tool", "tool_call_id": call.id, "content": result_text(record["result"], self.result_chars)})
 
     def _call_tool(self, call: ToolCall) -> dict[str, Any]:
         """Validate and run one call; a mistake of the model's goes back to it as the result."""

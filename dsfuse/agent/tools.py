@@ -7,6 +7,7 @@ gets back the command's JSON output (or its one error line). `list_files` lets i
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -21,7 +22,6 @@ MANAGED_OPTIONS = {"json", "quiet", "debug"}
 EXCLUDED_COMMANDS = {"chat", "demo"}
 LIST_FILES = "list_files"
 MAX_LISTED_FILES = 200
-MAX_RESULT_CHARS = 4000
 
 _JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
 
@@ -68,12 +68,13 @@ class Tool:
         return args
 
 
-def _json_schema(descriptor: Any, help_text: str | None) -> dict[str, Any]:
+def _json_schema(descriptor: Any, help_text: str | None, positional: bool) -> dict[str, Any]:
     annotation = descriptor.annotation
     is_list = descriptor.is_list
     inner = get_args(annotation)[0] if is_list and get_args(annotation) else annotation
     item: dict[str, Any] = {"type": _JSON_TYPES.get(inner, "string")}
-    if isinstance(inner, type) and issubclass(inner, PurePath):
+    # Path options, and positional inputs (files, folders or globs by the CLI contract), are paths.
+    if (isinstance(inner, type) and issubclass(inner, PurePath)) or (positional and item["type"] == "string"):
         item["format"] = "path"
     if descriptor.choices:
         item["enum"] = [getattr(c, "value", c) for c in descriptor.choices]
@@ -107,14 +108,14 @@ def command_tool(name: str, command: Any) -> Tool:
         if p.name in MANAGED_OPTIONS or getattr(p, "hidden", False) or not p.expose_value:
             continue
         descriptor = p.type_descriptor
-        schema = _json_schema(descriptor, getattr(p, "help", None))
+        is_option = p.param_type_name == "option"
+        schema = _json_schema(descriptor, getattr(p, "help", None), positional=not is_option)
         default = p.default
         if default is not None and not p.required and not callable(default):
             schema["default"] = str(default) if isinstance(default, PurePath) else default
         properties[p.name] = schema
         if p.required:
             required.append(p.name)
-        is_option = p.param_type_name == "option"
         flag = max(p.opts, key=len) if is_option else None
         off = max(p.secondary_opts, key=len) if is_option and p.secondary_opts else None
         params.append(Param(p.name, flag, off, is_bool=schema.get("type") == "boolean",
@@ -207,9 +208,12 @@ def run_tool(tool: Tool, arguments: dict[str, Any], cwd: Path, timeout: float = 
     if tool.name == LIST_FILES:
         return list_files(arguments.get("pattern", "**/*"), cwd)
     argv = tool.argv(arguments) + ["--json", "-q"]
+    # the same dsfuse as this process, wherever it was imported from
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     try:
         proc = subprocess.run([sys.executable, "-m", "dsfuse", *argv], cwd=cwd, capture_output=True,
-                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
     except subprocess.TimeoutExpired:
         return {"command": "dsfuse " + " ".join(argv), "exit_code": None, "error": f"timed out after {timeout:g} s"}
     records = []
@@ -227,7 +231,7 @@ def run_tool(tool: Tool, arguments: dict[str, Any], cwd: Path, timeout: float = 
     return result
 
 
-def result_text(result: dict[str, Any], limit: int = MAX_RESULT_CHARS) -> str:
+def result_text(result: dict[str, Any], limit: int = 4000) -> str:
     """A tool result as the JSON text the model reads, cut to `limit` characters."""
     text = json.dumps(result)
     return text if len(text) <= limit else text[:limit] + f"... [truncated {len(text) - limit} characters]"

@@ -200,7 +200,7 @@ def chat(
         console.print(f"backend: {client.name}", style="dim", markup=False, highlight=False)
     log = Transcript(transcript, {"backend": client.name, "cwd": str(Path.cwd())})
     agent = Agent(client, build_tools(), Path.cwd(), log, confirm=None if yes else _confirm_on_terminal,
-                  max_rounds=max_rounds)
+                  max_rounds=max_rounds, result_chars=getattr(client, "result_chars", 4000))
     display = Display(json, quiet)
     try:
         if question is None:
