@@ -186,7 +186,7 @@ def _check_value(name: str, value: Any, schema: dict[str, Any]) -> Any:
           "number": isinstance(value, (int, float)) and not isinstance(value, bool),
           "string": isinstance(value, (str, int, float)) and not isinstance(value, bool)}[kind]
     if not ok:
-        raise ToolArgumentError(f"argument {name} must be a {kind}, got {json.dumps(value)}")
+        raise ToolArgumentError(f"argument {name} must be a JSON {kind}, got {json.dumps(value)}")
     if "enum" in schema and value not in schema["enum"]:
         raise ToolArgumentError(f"argument {name} must be one of {', '.join(map(str, schema['enum']))}")
     return str(value) if kind == "string" else value
