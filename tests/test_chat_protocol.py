@@ -229,3 +229,22 @@ def test_cli_no_key_with_remote_forced(tmp_path):
 def test_cli_bad_input(tmp_path, args, stdin, words):
     proc = run_cli("chat", *args, cwd=tmp_path, input=stdin, env={"DEEPSEEK_API_KEY": ""})
     assert_one_line_error(proc, 2, words)
+
+
+def test_repl_commands(tmp_path, monkeypatch, capsys):
+    from dsfuse.cli.chat import Display, _repl
+
+    lines = iter(["/tools", "Capital of France?", f"/save {tmp_path / 'saved.jsonl'}", "/reset", "/bogus",
+                  "second question", "/exit", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    failing = Reply(401, body={"error": {"message": "bad key"}})
+    with ScriptedServer([text_reply("Paris."), failing]) as server:
+        agent = Agent(client(server.url), build_tools(), tmp_path, Transcript(tmp_path / "t.jsonl", {}))
+        _repl(agent, Display(as_json=False, quiet=True), quiet=True)
+    out, err = capsys.readouterr()
+    assert "Paris." in out and "list_files" in err and "unknown command /bogus" in err
+    assert "error: authentication failed" in err  # the session went on after a failed question
+    saved = [json.loads(x) for x in (tmp_path / "saved.jsonl").read_text().splitlines()]
+    assert [m.get("role") for m in saved] == [None, "user", "assistant"]
+    assert {"type": "reset"} in [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert len(agent.messages) == 2  # system + the failed question after /reset

@@ -143,7 +143,7 @@ class ChatClient:
                         response.read()
                         raise ApiError(_status_message(response), url)
                     return _read_stream(response, on_delta)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as e:  # before any reply
                 if attempt == self.max_retries:
                     raise ApiError(f"cannot reach the server ({_reason(e)})", url) from None
             except httpx.TimeoutException:

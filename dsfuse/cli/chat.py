@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from dsfuse.cli.common import (DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt, command, console,
-                               emit_json, print_table, warn)
+                               emit_json, error_line, print_table, warn)
 from dsfuse.errors import DsfuseError, UsageError
 
 REPL_HELP = "/tools lists the tools, /reset forgets the conversation, /save PATH writes the transcript, /exit quits"
@@ -141,7 +141,11 @@ def _repl(agent: Any, display: Display, quiet: bool) -> None:
         elif line.startswith("/"):
             console.print(f"unknown command {line.split()[0]}; {REPL_HELP}", markup=False)
         else:
-            agent.ask(line, display.delta, display.tool)
+            try:
+                agent.ask(line, display.delta, display.tool)
+            except DsfuseError as e:  # one failed question does not end the session
+                display.end_line()
+                error_line(e)
             display.end_line()
 
 
