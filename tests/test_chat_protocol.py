@@ -237,6 +237,7 @@ def test_repl_commands(tmp_path, monkeypatch, capsys):
     lines = iter(["/tools", "Capital of France?", f"/save {tmp_path / 'saved.jsonl'}", "/reset", "/bogus",
                   "second question", "/exit", "never read"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     failing = Reply(401, body={"error": {"message": "bad key"}})
     with ScriptedServer([text_reply("Paris."), failing]) as server:
         agent = Agent(client(server.url), build_tools(), tmp_path, Transcript(tmp_path / "t.jsonl", {}))
@@ -248,3 +249,4 @@ def test_repl_commands(tmp_path, monkeypatch, capsys):
     assert [m.get("role") for m in saved] == [None, "user", "assistant"]
     assert {"type": "reset"} in [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert len(agent.messages) == 2  # system + the failed question after /reset
+    assert (tmp_path / "state" / "dsfuse" / "chat_history").is_file()

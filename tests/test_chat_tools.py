@@ -16,7 +16,7 @@ import typer
 
 from dsfuse.agent.guided import ToolCallDecoder, Vocabulary
 from dsfuse.agent.local import mentioned_paths, render_prompt
-from dsfuse.agent.tools import (ToolArgumentError, build_tools, command_tool, list_files, validate_arguments)
+from dsfuse.agent.tools import ToolArgumentError, build_tools, list_files, validate_arguments
 from dsfuse.models.gguf import _unpermute_rope
 from dsfuse.models.llama import Llama, LlamaConfig, generate, sample_next
 

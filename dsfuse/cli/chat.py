@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from enum import Enum
@@ -26,8 +27,8 @@ class BackendChoice(str, Enum):
 def _make_backend(backend: BackendChoice, base_url: str | None, model: str | None, think: bool | None,
                   key_file: Path | None, timeout: float, retries: int, device: str, temperature: float,
                   top_p: float, max_tokens: int, seed: int) -> Any:
-    from dsfuse.agent.client import DEEPSEEK_BASE_URL, DEFAULT_MODEL, KEY_ENV, KEY_FILE, ChatClient, read_api_key
-    from dsfuse.agent.client import ApiError, resolve_model
+    from dsfuse.agent.client import (DEEPSEEK_BASE_URL, DEFAULT_MODEL, KEY_ENV, KEY_FILE, ApiError, ChatClient,
+                                     read_api_key, resolve_model)
 
     key = read_api_key(key_file) if backend != BackendChoice.local else None
     if backend == BackendChoice.auto:
@@ -109,13 +110,31 @@ def _confirm_on_terminal(tool: Any, arguments: dict[str, Any]) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
+def _history_file() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME") or "~/.local/state").expanduser() / "dsfuse" / "chat_history"
+
+
 def _repl(agent: Any, display: Display, quiet: bool) -> None:
+    """Read questions and /commands until /exit or end of input; line editing and history via readline."""
     try:
-        import readline  # noqa: F401  (line editing and history for input())
+        import readline
     except ImportError:  # pragma: no cover - Windows
-        pass
+        readline = None
+    history = _history_file()
+    if readline is not None and history.is_file():
+        readline.read_history_file(history)
     if not quiet:
         console.print(f"dsfuse chat: {REPL_HELP}", markup=False)
+    try:
+        _repl_loop(agent, display)
+    finally:
+        if readline is not None:
+            history.parent.mkdir(parents=True, exist_ok=True)
+            readline.set_history_length(1000)
+            readline.write_history_file(history)
+
+
+def _repl_loop(agent: Any, display: Display) -> None:
     while True:
         try:
             line = input("> ").strip()
