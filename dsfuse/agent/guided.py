@@ -51,7 +51,7 @@ class ToolCallDecoder:
                  encode: Callable[[str], list[int]], pick: Callable[[torch.Tensor], int],
                  paths: list[str] | None = None):
         self.vocab, self.logits, self.push, self.encode, self.pick = vocab, logits, push, encode, pick
-        self.paths = paths or []
+        self.paths = list(paths or [])
         self.text = ""
 
     def force(self, text: str) -> None:
@@ -121,7 +121,10 @@ class ToolCallDecoder:
         if kind in ("integer", "number"):
             return self.number(kind == "integer")
         if schema.get("format") == "path" and self.paths:
-            return json.loads(self.choose([json.dumps(p) for p in self.paths]))
+            # each path the user wrote fills one argument: once used, it is no longer offered
+            path = json.loads(self.choose([json.dumps(p) for p in self.paths]))
+            self.paths.remove(path)
+            return path
         if kind == "array":
             self.force("[")
             items = [self.value(schema.get("items", {}))]
@@ -131,25 +134,42 @@ class ToolCallDecoder:
         return self.string()
 
     def call(self, tools: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-        """Decode `{"tool": NAME, "arguments": {...}}`; returns the name and the arguments."""
+        """Decode `{"tool": NAME, "arguments": {...}}`; returns the name and the arguments.
+
+        Arguments come in the command's own order. Up to the last required one, the model picks the
+        next among the optional arguments before it and the required one itself (so a command's
+        inputs can come first); then it adds any other optional arguments or closes the object.
+        """
         self.force('{"tool": "')
         name = self.choose([f'{n}"' for n in tools])[:-1]
         self.force(', "arguments": {')
         schema = tools[name]
         properties = schema.get("properties", {})
-        required = [k for k in schema.get("required", []) if k in properties]
+        required = set(schema.get("required", [])) & set(properties)
         arguments: dict[str, Any] = {}
-        for key in required:
-            self.force(("" if not arguments else ", ") + f'"{key}": ')
+        pending = list(properties)
+        while required - set(arguments):
+            upto = next(i for i, k in enumerate(pending) if k in required)
+            key = self.key(pending[:upto + 1], arguments, closable=False)
+            pending = pending[pending.index(key) + 1:]
             arguments[key] = self.value(properties[key])
-        while True:
-            optional = [k for k in properties if k not in arguments]
-            separator = ", " if arguments else ""
-            options = [f'{separator}"{k}": ' for k in optional] + ["}"]
-            picked = self.choose(options)
-            if picked == "}":
+        while optional := [k for k in properties if k not in arguments]:
+            key = self.key(optional, arguments, closable=True)
+            if key is None:  # the model closed the arguments
                 break
-            key = picked[len(separator) + 1:-3]
             arguments[key] = self.value(properties[key])
+        else:
+            self.force("}")  # every argument is filled
         self.force("}")
         return name, arguments
+
+    def key(self, keys: list[str], arguments: dict[str, Any], closable: bool) -> str | None:
+        """The next argument name among `keys` (or None: the object closes), with its separator."""
+        separator = ", " if arguments else ""
+        options = [f'{separator}"{k}": ' for k in keys] + (["}"] if closable else [])
+        if len(options) == 1:
+            self.force(options[0])
+            picked = options[0]
+        else:
+            picked = self.choose(options)
+        return None if picked == "}" else picked[len(separator) + 1:-3]
