@@ -178,9 +178,11 @@ class LocalBackend:
     def _answer(self, context: Context, token: int, on_delta: DeltaHandler | None) -> AssistantTurn:
         out: list[int] = []
         shown = ""
+        finish = "length"
         for _ in range(self.max_new_tokens):
             if token in self.end_ids:
-                return AssistantTurn(content=shown, finish_reason="stop")
+                finish = "stop"
+                break
             out.append(token)
             text = self.tokenizer.decode(out)
             if on_delta and not text.endswith("\ufffd"):  # wait for a multi-byte character to complete
@@ -191,7 +193,7 @@ class LocalBackend:
         text = self.tokenizer.decode(out)
         if on_delta and text[len(shown):]:
             on_delta("content", text[len(shown):])
-        return AssistantTurn(content=text, finish_reason="length")
+        return AssistantTurn(content=text, finish_reason=finish)
 
     def _tool_call(self, start: Context, tools: list[dict[str, Any]], messages: list[dict[str, Any]]) -> AssistantTurn:
         """Decode a call under its schema; a call that does not validate is decoded again with sampling."""
