@@ -17,6 +17,7 @@ import torch
 
 MAX_STRING_TOKENS = 48
 MAX_NUMBER_TOKENS = 8
+MAX_ARRAY_ITEMS = 8
 
 
 @dataclass
@@ -128,8 +129,10 @@ class ToolCallDecoder:
         if kind == "array":
             self.force("[")
             items = [self.value(schema.get("items", {}))]
-            while self.choose([", ", "]"]) == ", ":
+            while len(items) < MAX_ARRAY_ITEMS and self.choose([", ", "]"]) == ", ":
                 items.append(self.value(schema.get("items", {})))
+            if len(items) == MAX_ARRAY_ITEMS:
+                self.force("]")
             return items
         return self.string()
 
