@@ -112,7 +112,25 @@ class ToolCallDecoder:
         except ValueError:
             return 0
 
-    def value(self, schema: dict[str, Any]) -> Any:
+    def path(self) -> str:
+        """One of the paths the user wrote; each fills one argument, so it is not offered again."""
+        path = json.loads(self.choose([json.dumps(p) for p in self.paths]))
+        self.paths.remove(path)
+        return path
+
+    def path_array(self, reserve: int) -> list[str]:
+        """User paths for a list argument, leaving `reserve` of them for required arguments still to come."""
+        self.force("[")
+        items = [self.path()]
+        while len(self.paths) > reserve and len(items) < MAX_ARRAY_ITEMS:
+            if self.choose([", ", "]"]) == "]":
+                return items
+            items.append(self.path())
+        self.force("]")
+        return items
+
+    def value(self, schema: dict[str, Any], reserve: int = 0) -> Any:
+        """A value of `schema`; `reserve`: user paths to keep for the required path arguments after it."""
         kind = schema.get("type", "string")
         if "enum" in schema:
             options = [json.dumps(v) for v in schema["enum"]]
@@ -121,11 +139,8 @@ class ToolCallDecoder:
             return self.choose(["true", "false"]) == "true"
         if kind in ("integer", "number"):
             return self.number(kind == "integer")
-        if schema.get("format") == "path" and self.paths:
-            # each path the user wrote fills one argument: once used, it is no longer offered
-            path = json.loads(self.choose([json.dumps(p) for p in self.paths]))
-            self.paths.remove(path)
-            return path
+        if _is_path(schema) and len(self.paths) > reserve:
+            return self.path_array(reserve) if kind == "array" else self.path()
         if kind == "array":
             self.force("[")
             items = [self.value(schema.get("items", {}))]
@@ -155,7 +170,8 @@ class ToolCallDecoder:
             upto = next(i for i, k in enumerate(pending) if k in required)
             key = self.key(pending[:upto + 1], arguments, closable=False)
             pending = pending[pending.index(key) + 1:]
-            arguments[key] = self.value(properties[key])
+            reserve = sum(_is_path(properties[k]) for k in required - set(arguments) - {key})
+            arguments[key] = self.value(properties[key], reserve)
         while optional := [k for k in properties if k not in arguments]:
             key = self.key(optional, arguments, closable=True)
             if key is None:  # the model closed the arguments
@@ -176,3 +192,7 @@ class ToolCallDecoder:
         else:
             picked = self.choose(options)
         return None if picked == "}" else picked[len(separator) + 1:-3]
+
+
+def _is_path(schema: dict[str, Any]) -> bool:
+    return schema.get("format") == "path" or schema.get("items", {}).get("format") == "path"
