@@ -27,6 +27,12 @@ MODEL_KINDS: dict[str, str] = {
     "toy": "dsfuse.models.toy:ToyRegressor",
     "vqvae": "dsfuse.models.vqvae:VQVAE",
     "llama": "dsfuse.models.llama:Llama",
+    "moe": "dsfuse.models.moe:MoEClassifier",
+    "video": "dsfuse.models.video:VideoClassifier",
+    "audio": "dsfuse.models.audio:AudioEmotionClassifier",
+    "compressor": "dsfuse.models.compressor:TokenCompressor",
+    "av-fusion": "dsfuse.models.av_fusion:AVFusionClassifier",
+    "av-video": "dsfuse.models.av_video:AudioVisualVideoClassifier",
 }
 
 MODEL_FILE = "model.safetensors"

@@ -125,14 +125,28 @@ def test_cache_remembers_left_padding_of_the_prompt():
     assert torch.allclose(out[mask], full[mask], atol=1e-5)
 
 
-def test_mla_absorbed_decode_equals_expanded_path():
+@pytest.mark.parametrize("kind", ["mla", "mla-no-q-lora"])
+def test_mla_absorbed_attention_equals_expanded_attention(kind):
     torch.manual_seed(0)
+    mla = MLA(KINDS[kind]).eval()
+    x = torch.randn(2, 6, 32)
+    q_nope, q_rope = mla._queries(x, 0)
+    c_kv, k_rope = mla._latent(x, 0)
+    mask = _padding_mask([6, 4], 6)
+    for causal in (False, True):
+        expanded = mla._attend_expanded(q_nope, q_rope, c_kv, k_rope, mask, causal, 0, 0.0)
+        absorbed = mla._attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask, causal, 0, 0.0)
+        real = mask[:, None, :, None].expand_as(expanded)  # outputs [B, H, T, Dv] of real queries
+        assert torch.allclose(absorbed[real], expanded[real], atol=1e-5)
+
+
+def test_mla_cache_holds_only_the_latent_and_rope_key():
     mla = MLA(KINDS["mla"]).eval()
-    x = torch.randn(2, 5, 32)
     cache = KVCache()
-    absorbed = mla(x, causal=True, cache=cache)  # with a cache, attention runs over the latent
-    assert torch.allclose(absorbed, mla(x, causal=True), atol=1e-5)
-    assert set(cache.tensors) == {"c_kv", "k_rope"} and cache.tensors["c_kv"].shape == (2, 5, 12)
+    mla(torch.randn(2, 5, 32), causal=True, cache=cache)
+    mla(torch.randn(2, 1, 32), causal=True, cache=cache)
+    assert set(cache.tensors) == {"c_kv", "k_rope"}
+    assert cache.tensors["c_kv"].shape == (2, 6, 12) and cache.tensors["k_rope"].shape == (2, 1, 6, 4)
 
 
 def test_rope_scores_depend_only_on_relative_position():

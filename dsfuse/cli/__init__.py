@@ -15,12 +15,17 @@ except ImportError:  # pragma: no cover - older typer on real click
 from dsfuse import __version__
 
 # Each module has `register(app)` and may have `demo_steps(samples, out)` (see cli/demo.py).
-COMMAND_MODULES = [
+COMMAND_MODULES = [  # in the order `--help` lists them and `demo` runs them
     "dsfuse.cli.info",
-    "dsfuse.cli.demo",
     "dsfuse.cli.train_vqvae",
     "dsfuse.cli.tokenize_image",
     "dsfuse.cli.chat",
+    "dsfuse.cli.moe",
+    "dsfuse.cli.classify_video",
+    "dsfuse.cli.video_fusion",
+    "dsfuse.cli.audio_emotion",
+    "dsfuse.cli.compress",
+    "dsfuse.cli.demo",
 ]
 
 app = typer.Typer(

@@ -188,3 +188,29 @@ def reconstruct_images(model, images: list[str], out: Path, *, json: bool, quiet
 
 def register(app: typer.Typer) -> None:
     app.command("tokenize-image")(tokenize_image)
+
+
+def demo_steps(samples: Path, out: Path) -> list:
+    from dsfuse.cli.demo import DemoStep
+
+    base = out / "tokenizer"
+    run, tokens, photos = base / "run", base / "tokens.safetensors", str(samples / "images" / "photos")
+
+    def tokenized(records: list[dict]) -> str:
+        h, w = records[0]["grid"]
+        return f"{len(records)} photos -> {h}x{w} tokens each, e.g. {records[0]['tokens'][:6]}"
+
+    def reconstructed(records: list[dict]) -> str:
+        overall = records[-1]["overall"]
+        return f"{overall['images']} reconstructions: PSNR {overall['psnr']:.1f} dB, SSIM {overall['ssim']:.3f}"
+
+    return [
+        DemoStep("tokenize-image", ["tokenize-image", photos, "-c", str(run), "--out", str(tokens)], tokenized,
+                 [tokens]),
+        DemoStep("tokenize-image --decode", ["tokenize-image", "--decode", str(tokens), "-c", str(run), "--out",
+                                             str(base / "decoded")],
+                 lambda records: f"{len(records)} PNGs from {tokens.name}", [base / "decoded"]),
+        DemoStep("tokenize-image --reconstruct", ["tokenize-image", photos, "-c", str(run), "--reconstruct", "--out",
+                                                  str(base / "reconstructed")], reconstructed,
+                 [base / "reconstructed"]),
+    ]

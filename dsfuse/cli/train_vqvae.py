@@ -115,7 +115,7 @@ def train_vqvae(
                                eval_every=eval_every, quiet=quiet, seed=seed)
     dataset = ImageFolder(data, cfg.image_size)
     for path in dataset.skipped:
-        warn(f"skipped unreadable image ({path})", quiet)
+        warn(f"skipped unreadable image ({path})")  # shown even with -q: data went unused
     held_out = ImageFolder(val, cfg.image_size) if val is not None else dataset
     eval_images = fixed_eval_images(held_out, EVAL_IMAGES)
     if not resume:
@@ -145,3 +145,18 @@ def train_vqvae(
 
 def register(app: typer.Typer) -> None:
     app.command("train-vqvae")(train_vqvae)
+
+
+def demo_steps(samples: Path, out: Path) -> list:
+    from dsfuse.cli.demo import DemoStep
+
+    def summarize(records: list[dict]) -> str:
+        r = records[0]
+        return (f"{r['step']} steps on {r['images']} images: PSNR {r['psnr']:.1f} dB, "
+                f"usage {r['usage']:.0%} of K={r['codebook_size']}, {r['grid'][0]}x{r['grid'][1]} tokens")
+
+    run = out / "tokenizer" / "run"
+    return [DemoStep("train-vqvae", ["train-vqvae", str(samples / "images"), "--out", str(run), "--image-size", "32",
+                                     "--downsample", "8", "--codebook-size", "64", "--base-channels", "16",
+                                     "--latent-channels", "8", "--steps", "30", "--batch-size", "8",
+                                     "--eval-every", "15"], summarize, [run])]

@@ -50,6 +50,8 @@ class VQVAEConfig:
             raise ValueError(f"image size {self.image_size} is not a multiple of downsample {self.downsample}")
         if self.codebook_size < 2:
             raise ValueError(f"codebook size must be at least 2, got {self.codebook_size}")
+        if self.quantizer == "fsq":
+            fsq_levels(self.codebook_size)  # raises for a size it cannot make
 
     @property
     def widths(self) -> list[int]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import nn
 
 ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
@@ -193,7 +193,8 @@ class Attention(nn.Module):
 class MLA(nn.Module):
     """Multi-head latent attention (DeepSeek-V2): keys and values come from a small shared latent
     c_kv; RoPE lives in separate q/k dimensions (the key's is shared by all heads). The cache keeps
-    only c_kv and the RoPE key; decoding absorbs the up-projections into the query and the output."""
+    only c_kv and the RoPE key; decoding one token at a time absorbs the up-projections into the query
+    and the output, so the cache is never expanded."""
 
     def __init__(self, cfg: AttentionConfig):
         super().__init__()
@@ -230,21 +231,22 @@ class MLA(nn.Module):
         q_nope, q_rope = self._queries(x, offset)
         c_kv, k_rope = self._latent(x, offset)
         dropout = self.cfg.dropout if self.training else 0.0
-        if cache is None:
-            out = self._attend_expanded(q_nope, q_rope, c_kv, k_rope, mask, causal, dropout)
-        else:
+        if cache is not None:
             cached = cache.append(mask, x.shape[1], c_kv=(c_kv, 1), k_rope=(k_rope, 2))
-            out = self._attend_absorbed(q_nope, q_rope, cached["c_kv"], cached["k_rope"], cache.key_mask,
-                                        causal, offset, dropout)
+            c_kv, k_rope, mask = cached["c_kv"], cached["k_rope"], cache.key_mask
+        # Few queries against a long cache: attend over the latent itself. Many queries (training, a
+        # prompt): up-projecting the latent once is cheaper than widening every query to kv_lora_rank.
+        attend = self._attend_absorbed if x.shape[1] == 1 and cache is not None else self._attend_expanded
+        out = attend(q_nope, q_rope, c_kv, k_rope, mask, causal, offset, dropout)
         return self.wo(rearrange(out, "b h t d -> b t (h d)"))
 
-    def _attend_expanded(self, q_nope, q_rope, c_kv, k_rope, mask, causal, dropout):
+    def _attend_expanded(self, q_nope, q_rope, c_kv, k_rope, mask, causal, offset, dropout):
         """Training/prefill: up-project the latent to per-head keys and values, then plain SDPA."""
         kv = rearrange(self.wkv_b(c_kv), "b t (h d) -> b h t d", h=self.cfg.n_heads)
         k_nope, v = kv.split([self.cfg.qk_nope_head_dim, self.cfg.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], -1)
         k = torch.cat([k_nope, k_rope.expand(-1, self.cfg.n_heads, -1, -1)], -1)
-        return _sdpa(q, k, v, mask, causal, 0, dropout, scale=self.scale)
+        return _sdpa(q, k, v, mask, causal, offset, dropout, scale=self.scale)
 
     def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask, causal, offset, dropout):
         """Decoding: fold W_UK into the query and W_UV into the output, so attention runs over the
@@ -252,9 +254,17 @@ class MLA(nn.Module):
         w = rearrange(self.wkv_b.weight, "(h d) r -> h d r", h=self.cfg.n_heads)
         w_uk, w_uv = w.split([self.cfg.qk_nope_head_dim, self.cfg.v_head_dim], dim=1)
         q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
-        q = torch.cat([q_latent, q_rope], -1)
+        # Every head shares the one latent key/value, so fold the heads into the query axis: one head
+        # attending over the cache as it is, instead of SDPA repeating the cache once per head.
+        heads, q_len = q_nope.shape[1], q_nope.shape[2]
+        q = rearrange(torch.cat([q_latent, q_rope], -1), "b h t d -> b 1 (h t) d")
         k = torch.cat([c_kv[:, None], k_rope], -1)  # [B, 1, S, r + dr]
-        out_latent = _sdpa(q, k, c_kv[:, None], mask, causal, offset, dropout, scale=self.scale)
+        allowed = attention_mask(q_len, mask, causal and q_len > 1, offset, q.device)
+        if allowed is not None:
+            allowed = repeat(allowed.expand(-1, -1, q_len, -1), "b 1 t s -> b 1 (h t) s", h=heads)
+        out_latent = F.scaled_dot_product_attention(q, k, c_kv[:, None], attn_mask=allowed, dropout_p=dropout,
+                                                    scale=self.scale)
+        out_latent = rearrange(out_latent, "b 1 (h t) r -> b h t r", h=heads)
         return torch.einsum("bhtr,hvr->bhtv", out_latent, w_uv)
 
 

@@ -1,0 +1,138 @@
+"""Speech-emotion classifier over log-mel features: convolutional subsampling, transformer blocks
+with MLA attention (decoupled RoPE) and a SwiGLU or MoE feed-forward, attention pooling, a linear head.
+With ffn="moe", train on task loss + `dsfuse.nn.moe.moe_aux_loss(model)`.
+
+`AudioEncoder` (features [B, T, n_mels] + mask -> sequence [B, T/4, dim] + mask) is usable on its own,
+e.g. as the audio branch of an audio-visual fusion model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from dsfuse.nn.attention import AttentionConfig
+from dsfuse.nn.moe import MoEConfig
+from dsfuse.nn.transformer import TransformerBlock
+
+FFN_KINDS = ("swiglu", "moe")
+
+
+@dataclass
+class AudioConfig:
+    n_mels: int = 64
+    num_classes: int = 4
+    dim: int = 128
+    depth: int = 3
+    n_heads: int = 4
+    conv_channels: int = 32
+    # MLA: keys/values from a kv_lora_rank latent; RoPE on separate qk_rope_head_dim dimensions
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    ffn: str = "swiglu"  # swiglu | moe
+    ffn_hidden: int = 256
+    # MoE (ffn="moe"): one shared expert plus n_experts routed ones, each of width ffn_hidden / 2
+    n_experts: int = 4
+    top_k: int = 2
+    dropout: float = 0.1
+    # log-mel statistics of the training set: the model normalizes its own input
+    feature_mean: float = 0.0
+    feature_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.ffn not in FFN_KINDS:
+            raise ValueError(f"ffn must be one of {', '.join(FFN_KINDS)}, got {self.ffn!r}")
+
+
+def subsampled_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The padding mask after one stride-2 convolution (kernel 3, padding 1): ceil(length / 2) frames."""
+    lengths = (mask.sum(1) + 1) // 2
+    frames = (mask.shape[1] + 1) // 2
+    return torch.arange(frames, device=mask.device)[None, :] < lengths[:, None]
+
+
+class ConvSubsampling(nn.Module):
+    """Two stride-2 3x3 convolutions over (time, mel): 4x fewer frames, each projected to `dim`.
+
+    Padding frames are zeroed before each convolution, so a clip's features do not depend on how
+    much padding its batch needed.
+    """
+
+    def __init__(self, n_mels: int, channels: int, dim: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, channels, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.proj = nn.Linear(channels * ((n_mels + 3) // 4), dim)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = rearrange(features * mask[..., None], "b t m -> b 1 t m")
+        mask = subsampled_mask(mask)
+        x = F.gelu(self.conv1(x)) * rearrange(mask, "b t -> b 1 t 1")
+        mask = subsampled_mask(mask)
+        x = F.gelu(self.conv2(x))
+        return self.proj(rearrange(x, "b c t m -> b t (c m)")), mask
+
+
+class AudioEncoder(nn.Module):
+    """Log-mel features [B, T, n_mels] -> a feature sequence [B, ceil(T/4), dim] and its padding mask."""
+
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.subsample = ConvSubsampling(cfg.n_mels, cfg.conv_channels, cfg.dim)
+        attention = AttentionConfig(dim=cfg.dim, n_heads=cfg.n_heads, kind="mla", kv_lora_rank=cfg.kv_lora_rank,
+                                    qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
+                                    v_head_dim=cfg.v_head_dim, dropout=cfg.dropout)
+        moe = (MoEConfig(dim=cfg.dim, n_experts=cfg.n_experts, top_k=cfg.top_k, n_shared=1,
+                         expert_hidden=cfg.ffn_hidden // 2) if cfg.ffn == "moe" else None)
+        self.blocks = nn.ModuleList(TransformerBlock(cfg.dim, attention, ffn=cfg.ffn, ffn_hidden=cfg.ffn_hidden,
+                                                     moe=moe) for _ in range(cfg.depth))
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.norm = nn.RMSNorm(cfg.dim)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if mask is None:
+            mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+        features = (features - self.cfg.feature_mean) / self.cfg.feature_std
+        x, mask = self.subsample(features, mask)
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x, mask=mask)
+        return self.norm(x), mask
+
+
+class AttentionPool(nn.Module):
+    """A learned score per frame, softmax over the real frames, the weighted mean: [B, T, D] -> [B, D]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.score = nn.Linear(dim, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = rearrange(self.score(x), "b t 1 -> b t").masked_fill(~mask, float("-inf"))
+        weights = scores.softmax(dim=1)
+        return torch.einsum("bt,btd->bd", weights, x)
+
+
+class AudioEmotionClassifier(nn.Module):
+    """Encoder, attention pooling, linear head: log-mel features -> class logits [B, num_classes]."""
+
+    Config = AudioConfig
+
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = AudioEncoder(cfg)
+        self.pool = AttentionPool(cfg.dim)
+        self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.dim, cfg.num_classes))
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x, mask = self.encoder(features, mask)
+        return self.head(self.pool(x, mask))

@@ -1,0 +1,324 @@
+"""Multimodal fusion: one interface over seven strategies, all built on nn/attention.
+
+Every strategy maps M modality token sequences [B, T_m, dim] with padding masks bool [B, T_m]
+(True = real token) to [B, out_dim], logits when the fusion ends a classifier:
+
+    fusion = ModalityFusion(FusionConfig("mid", input_dims=(256, 192), out_dim=10))
+    logits = fusion([video_tokens, audio_tokens], [None, audio_mask])
+
+`ModalityFusion` projects each modality to the shared width first; the strategy classes below take
+tokens already at `cfg.dim` and can be used on their own.
+
+- early: modality embeddings, all tokens concatenated, one transformer over the joint sequence.
+- mid: MulT-style bidirectional cross-modal layers (each modality attends to the others),
+  optionally with ParallelCrossAttention-style gates on what each token lets in.
+- late: each modality decides alone; logits mixed with learned modality weights (no interaction).
+- gated: a gated multimodal unit: per-sample softmax gates over the modalities' summaries
+  (sampled with Gumbel noise in training).
+- bottleneck: modalities exchange information only through a few shared tokens (MBT).
+- qformer: learned queries read one modality (BLIP-2), then join the others' tokens.
+- hybrid: early fusion's joint logits plus late fusion's per-modality logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsfuse.nn.attention import AttentionConfig, CrossAttention
+from dsfuse.nn.ffn import SwiGLU
+from dsfuse.nn.transformer import TransformerBlock
+
+STRATEGIES = ("early", "mid", "late", "gated", "bottleneck", "qformer", "hybrid")
+
+Tokens = Sequence[torch.Tensor]
+Masks = Sequence[torch.Tensor]
+
+
+@dataclass
+class FusionConfig:
+    strategy: str = "mid"
+    input_dims: tuple[int, ...] = (128, 128)  # width of each modality's tokens, in call order
+    out_dim: int = 2
+    dim: int = 128  # the shared width inside the fusion
+    n_heads: int = 4
+    depth: int = 2  # fusion layers (per modality where a strategy keeps them apart)
+    ffn_mult: int = 2
+    # RoPE in the fusion layers: off, because positions in a concatenated sequence would shift with
+    # the padding of the modality before; order within a modality is its encoder's to encode
+    rope: bool = False
+    gated_cross: bool = False  # mid: per-token gates on the cross-modal update
+    n_bottleneck: int = 4  # bottleneck: shared tokens
+    n_queries: int = 8  # qformer: learned queries
+    query_modality: int = 0  # qformer: which modality the queries read
+
+    def __post_init__(self) -> None:
+        self.input_dims = tuple(int(d) for d in self.input_dims)
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"fusion strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if len(self.input_dims) < 2:
+            raise ValueError(f"fusion needs at least two modalities, got {len(self.input_dims)}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if min(self.depth, self.n_bottleneck, self.n_queries, self.out_dim, *self.input_dims) < 1:
+            raise ValueError("depth, n_bottleneck, n_queries, out_dim and input_dims must be at least 1")
+        if not 0 <= self.query_modality < len(self.input_dims):
+            raise ValueError(f"query_modality {self.query_modality} is not one of the "
+                             f"{len(self.input_dims)} modalities")
+
+    @property
+    def n_modalities(self) -> int:
+        return len(self.input_dims)
+
+    def attention(self) -> AttentionConfig:
+        return AttentionConfig(dim=self.dim, n_heads=self.n_heads, rope=self.rope)
+
+    def block(self) -> TransformerBlock:
+        return TransformerBlock(self.dim, self.attention(), ffn_hidden=self.ffn_mult * self.dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the real tokens: x [B, T, D], mask [B, T] -> [B, D]."""
+    weights = mask.to(x.dtype)[..., None]
+    return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def classifier_head(in_dim: int, dim: int, out_dim: int) -> nn.Sequential:
+    """What turns a fused vector into logits: a one-hidden-layer MLP, the same for every strategy."""
+    return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, dim), nn.GELU(), nn.Linear(dim, out_dim))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-norm cross-attention from x to a context, then SwiGLU; both residual.
+
+    With `gated`, each token decides per channel how much of the attended context to let in
+    (sigmoid of the token and what it attended to), as the seed's ParallelCrossAttention does.
+    """
+
+    def __init__(self, dim: int, n_heads: int, ffn_hidden: int, gated: bool = False):
+        super().__init__()
+        self.norm, self.context_norm = nn.RMSNorm(dim), nn.RMSNorm(dim)
+        self.attn = CrossAttention(dim, n_heads)
+        self.gate = nn.Linear(2 * dim, dim) if gated else None
+        self.ffn_norm = nn.RMSNorm(dim)
+        self.ffn = SwiGLU(dim, ffn_hidden)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        queries = self.norm(x)
+        update = self.attn(queries, self.context_norm(context), context_mask)
+        if self.gate is not None:
+            update = torch.sigmoid(self.gate(torch.cat([queries, update], -1))) * update
+        x = x + update
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class EarlyFusion(nn.Module):
+    """Tag tokens with a modality embedding, concatenate, and run one transformer over them all."""
+
+    def __init__(self, cfg: FusionConfig, depth: int | None = None):
+        super().__init__()
+        self.modality_embedding = nn.Parameter(torch.randn(cfg.n_modalities, cfg.dim) * 0.02)
+        self.blocks = nn.ModuleList(cfg.block() for _ in range(depth or cfg.depth))
+        self.norm = nn.RMSNorm(cfg.dim)
+        self.head = classifier_head(cfg.dim, cfg.dim, cfg.out_dim)
+
+    def joint(self, xs: Tokens, masks: Masks) -> torch.Tensor:
+        """The pooled joint representation [B, dim]."""
+        x = torch.cat([x + emb for x, emb in zip(xs, self.modality_embedding)], dim=1)
+        mask = torch.cat(list(masks), dim=1)
+        for block in self.blocks:
+            x = block(x, mask=mask)
+        return masked_mean(self.norm(x), mask)
+
+    def forward(self, xs: Tokens, masks: Masks) -> torch.Tensor:
+        return self.head(self.joint(xs, masks))
+
+
+class CrossAttentionFusion(nn.Module):
+    """MulT: in every layer each modality attends to all the others' tokens, all updated in parallel."""
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.ModuleList(CrossAttentionBlock(cfg.dim, cfg.n_heads, cfg.ffn_mult * cfg.dim, cfg.gated_cross)
+                          for _ in range(cfg.n_modalities))
+            for _ in range(cfg.depth))
+        self.norm = nn.RMSNorm(cfg.dim)
+        self.head = classifier_head(cfg.n_modalities * cfg.dim, cfg.dim, cfg.out_dim)
+
+    def forward(self, xs: Tokens, masks: Masks) -> torch.Tensor:
+        xs = list(xs)
+        for blocks in self.layers:
+            contexts = [(torch.cat(xs[:m] + xs[m + 1:], 1), torch.cat(list(masks[:m]) + list(masks[m + 1:]), 1))
+                        for m in range(len(xs))]
+            xs = [block(x, context, context_mask) for block, x, (context, context_mask) in zip(blocks, xs, contexts)]
+        return self.head(torch.cat([masked_mean(self.norm(x), m) for x, m in zip(xs, masks)], -1))
+
+
+class LateFusion(nn.Module):
+    """Each modality is encoded and classified on its own; the logits are mixed with learned weights."""
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.encoders = nn.ModuleList(nn.ModuleList(cfg.block() for _ in range(cfg.depth))
+                                      for _ in range(cfg.n_modalities))
+        self.norms = nn.ModuleList(nn.RMSNorm(cfg.dim) for _ in range(cfg.n_modalities))
+        self.heads = nn.ModuleList(classifier_head(cfg.dim, cfg.dim, cfg.out_dim) for _ in range(cfg.n_modalities))
+        self.modality_logits = nn.Parameter(torch.zeros(cfg.n_modalities))
+
+    def modality_weights(self) -> torch.Tensor:
+        """The learned mixing weights [M], summing to 1."""
+        return self.modality_logits.softmax(0)
+
+    def forward(self, xs: Tokens, masks: Masks) -> torch.Tensor:
+        logits = []
+        for x, mask, blocks, norm, head in zip(xs, masks, self.encoders, self.norms, self.heads):
+            for block in blocks:
+                x = block(x, mask=mask)
+            logits.append(head(masked_mean(norm(x), mask)))
+        return torch.einsum("m,mbc->bc", self.modality_weights(), torch.stack(logits))
+
+
+class GatedFusion(nn.Module):
+    """A gated multimodal unit: a softmax over modalities, computed from all of them, weighs each one's summary.
+
+    Each summary is layer-normalised without a learned scale, so a modality's share of the fused
+    vector is set by its gate alone. In training the gates are sampled (Gumbel-softmax): a sample
+    that leans on a useless modality costs loss, so the gate itself, not only the head downstream,
+    learns to turn such a modality down. Evaluation uses the expected gates; after forward,
+    `last_gates` [B, M] holds them.
+    """
+
+    def __init__(self, cfg: FusionConfig, temperature: float = 1.0):
+        super().__init__()
+        self.temperature = temperature
+        self.encoders = nn.ModuleList(nn.ModuleList(cfg.block() for _ in range(cfg.depth))
+                                      for _ in range(cfg.n_modalities))
+        self.norms = nn.ModuleList(nn.RMSNorm(cfg.dim) for _ in range(cfg.n_modalities))
+        self.values = nn.ModuleList(nn.Linear(cfg.dim, cfg.dim) for _ in range(cfg.n_modalities))
+        self.gate = nn.Linear(cfg.n_modalities * cfg.dim, cfg.n_modalities)
+        nn.init.zeros_(self.gate.weight)  # start even-handed: every modality weighs 1/M
+        self.head = classifier_head(cfg.dim, cfg.dim, cfg.out_dim)
+        self.last_gates: torch.Tensor | None = None
+
+    def forward(self, xs: Tokens, masks: Masks) -> torch.Tensor:
+        summaries = []
+        for x, mask, blocks, norm in zip(xs, masks, self.encoders, self.norms):
+            for block in blocks:
+                x = block(x, mask=mask)
+            summaries.append(masked_mean(norm(x), mask))
+        # a unit-norm input keeps Adam's per-step change of a gate logit near lr, not lr x fan-in
+        logits = self.gate(F.normalize(torch.cat(summaries, -1), dim=-1))  # [B, M]
+        gates = logits.softmax(-1)
+        self.last_gates = gates.detach()
+        used = F.gumbel_softmax(logits, tau=self.temperature) if self.training else gates
+        values = torch.stack([F.layer_norm(value(s), s.shape[-1:]) for value, s in zip(self.values, summaries)], 1)
+        return self.head(torch.einsum("bm,bmd->bd", used, values))
+
+
+class BottleneckFusion(nn.Module):
+    """Attention bottlenecks (Nagrani et al. 2021): each modality's layer sees its own tokens plus a
+    few shared tokens; the shared tokens' updates are averaged over modalities, the only crossing."""
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.bottleneck = nn.Parameter(torch.randn(cfg.n_bottleneck, cfg.dim) * 0.02)
+        self.layers = nn.ModuleList(nn.ModuleList(cfg.block() for _ in range(cfg.n_modalities))
+                                    for _ in range(cfg.depth))
+        self.norm = nn.RMSNorm(cfg.dim)
+        self.head = classifier_head(cfg.n_modalities * cfg.dim, cfg.dim, cfg.out_dim)
+
+    def forward(self, xs: Tokens, masks: Masks) -> torch.Tensor:
+        xs = list(xs)
+        shared = self.bottleneck.expand(xs[0].shape[0], -1, -1)
+        shared_mask = torch.ones(shared.shape[:2], dtype=torch.bool, device=shared.device)
+        for blocks in self.layers:
+            updates = []
+            for m, block in enumerate(blocks):
+                length = xs[m].shape[1]
+                out = block(torch.cat([xs[m], shared], 1), mask=torch.cat([masks[m], shared_mask], 1))
+                xs[m], update = out[:, :length], out[:, length:]
+                updates.append(update)
+            shared = torch.stack(updates).mean(0)
+        return self.head(torch.cat([masked_mean(self.norm(x), m) for x, m in zip(xs, masks)], -1))
+
+
+class QFormerFusion(nn.Module):
+    """BLIP-2's Q-Former: learned queries self-attend and read one modality through cross-attention
+    (`depth` layers); the queries then join the other modalities' tokens in one transformer block."""
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.source = cfg.query_modality
+        self.queries = nn.Parameter(torch.randn(cfg.n_queries, cfg.dim) * 0.02)
+        self.query_layers = nn.ModuleList(
+            nn.ModuleList([cfg.block(), CrossAttentionBlock(cfg.dim, cfg.n_heads, cfg.ffn_mult * cfg.dim)])
+            for _ in range(cfg.depth))
+        self.joint = EarlyFusion(cfg, depth=1)
+
+    def forward(self, xs: Tokens, masks: Masks) -> torch.Tensor:
+        q = self.queries.expand(xs[0].shape[0], -1, -1)
+        for self_block, cross_block in self.query_layers:
+            q = cross_block(self_block(q), xs[self.source], masks[self.source])
+        xs, masks = list(xs), list(masks)
+        xs[self.source], masks[self.source] = q, torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)
+        return self.joint(xs, masks)
+
+
+class HybridFusion(nn.Module):
+    """Early fusion's joint logits plus late fusion's per-modality logits: interaction where it
+    helps, and each modality still heard on its own."""
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.early, self.late = EarlyFusion(cfg), LateFusion(cfg)
+
+    def forward(self, xs: Tokens, masks: Masks) -> torch.Tensor:
+        return self.early(xs, masks) + self.late(xs, masks)
+
+
+FUSION_CLASSES: dict[str, type[nn.Module]] = {
+    "early": EarlyFusion, "mid": CrossAttentionFusion, "late": LateFusion, "gated": GatedFusion,
+    "bottleneck": BottleneckFusion, "qformer": QFormerFusion, "hybrid": HybridFusion,
+}
+
+
+class ModalityFusion(nn.Module):
+    """Project each modality's tokens to the shared width, fill in missing masks, and fuse."""
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.inputs = nn.ModuleList(nn.Linear(d, cfg.dim) for d in cfg.input_dims)
+        self.strategy = FUSION_CLASSES[cfg.strategy](cfg)
+
+    def forward(self, tokens: Tokens, masks: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """tokens: M tensors [B, T_m, D_m]; masks: M bool [B, T_m] or None (all real) -> [B, out_dim]."""
+        masks = list(masks) if masks is not None else [None] * len(tokens)
+        if len(tokens) != self.cfg.n_modalities or len(masks) != len(tokens):
+            raise ValueError(f"expected {self.cfg.n_modalities} modalities (and as many masks), "
+                             f"got {len(tokens)} and {len(masks)}")
+        batch = tokens[0].shape[0]
+        for m, (x, mask, width) in enumerate(zip(tokens, masks, self.cfg.input_dims)):
+            if x.ndim != 3 or x.shape[0] != batch or x.shape[-1] != width:
+                raise ValueError(f"modality {m}: expected tokens [{batch}, T, {width}], got {list(x.shape)}")
+            if mask is not None and mask.shape != x.shape[:2]:
+                raise ValueError(f"modality {m}: mask {list(mask.shape)} does not match tokens {list(x.shape[:2])}")
+        xs = [proj(x) for proj, x in zip(self.inputs, tokens)]
+        full = [torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask.bool()
+                for x, mask in zip(xs, masks)]
+        return self.strategy(xs, full)
+
+    def gate_weights(self) -> torch.Tensor | None:
+        """Per-sample gate weights [B, M] of the last forward (gated fusion), else None."""
+        return getattr(self.strategy, "last_gates", None)
+
+    def modality_weights(self) -> torch.Tensor | None:
+        """Learned per-modality logit weights [M] (late and hybrid fusion), else None."""
+        late = self.strategy.late if isinstance(self.strategy, HybridFusion) else self.strategy
+        return late.modality_weights().detach() if isinstance(late, LateFusion) else None
