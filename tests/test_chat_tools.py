@@ -46,12 +46,24 @@ def tiny_app() -> typer.Typer:
     def chat() -> None:
         """Not a tool."""
 
+    group = typer.Typer()
+
+    @group.command("train")
+    def train(data: Annotated[Path, typer.Argument(help="Data.")]) -> None:
+        """Train."""
+
+    @group.command("predict")
+    def predict() -> None:
+        """Predict."""
+
+    app.add_typer(group, name="audio")
     return app
 
 
 def test_schema_from_typer_parameters():
     tools = build_tools(tiny_app())
-    assert set(tools) == {"resize-images", "list_files"}
+    assert set(tools) == {"resize-images", "audio-train", "audio-predict", "list_files"}
+    assert tools["audio-train"].argv({"data": "d"}) == ["audio", "train", "d"]
     tool = tools["resize-images"]
     props = tool.schema["properties"]
     assert tool.description == "Resize images. Example: dsfuse resize-images a.png --out small"

@@ -45,6 +45,7 @@ class Tool:
     schema: dict[str, Any]
     params: list[Param] = field(default_factory=list)
     writes_files: bool = False  # every command that writes outputs has --force (the CLI contract)
+    command: list[str] = field(default_factory=list)  # e.g. ["audio-emotion", "train"]; default [name]
 
     def spec(self) -> dict[str, Any]:
         """The OpenAI `tools` entry."""
@@ -53,7 +54,7 @@ class Tool:
 
     def argv(self, arguments: dict[str, Any]) -> list[str]:
         """The command line for validated `arguments` (see `validate_arguments`)."""
-        args = [self.name]
+        args = list(self.command or [self.name])
         for param in self.params:
             if param.name not in arguments or arguments[param.name] is None:
                 continue
@@ -136,9 +137,22 @@ def build_tools(app: typer.Typer | None = None, exclude: set[str] = EXCLUDED_COM
     """One tool per dsfuse command (less `exclude`), plus `list_files`."""
     if app is None:
         from dsfuse.cli import app
-    group = typer.main.get_command(app)
-    tools = {name: command_tool(name, cmd) for name, cmd in sorted(group.commands.items())
-             if name not in exclude and not getattr(cmd, "hidden", False)}
+    tools: dict[str, Tool] = {}
+
+    def add(path: list[str], cmd: Any) -> None:
+        if getattr(cmd, "hidden", False):
+            return
+        if hasattr(cmd, "commands"):  # a command group: each subcommand is a tool
+            for sub_name, sub in sorted(cmd.commands.items()):
+                add(path + [sub_name], sub)
+            return
+        tool = command_tool("-".join(path), cmd)
+        tool.command = path
+        tools[tool.name] = tool
+
+    for name, cmd in sorted(typer.main.get_command(app).commands.items()):
+        if name not in exclude:
+            add([name], cmd)
     tools[LIST_FILES] = list_files_tool()
     return tools
 
