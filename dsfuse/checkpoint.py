@@ -26,6 +26,7 @@ from dsfuse.io import atomic_path
 MODEL_KINDS: dict[str, str] = {
     "toy": "dsfuse.models.toy:ToyRegressor",
     "vqvae": "dsfuse.models.vqvae:VQVAE",
+    "llama": "dsfuse.models.llama:Llama",
     "moe": "dsfuse.models.moe:MoEClassifier",
     "video": "dsfuse.models.video:VideoClassifier",
     "audio": "dsfuse.models.audio:AudioEmotionClassifier",

@@ -21,6 +21,7 @@ COMMAND_MODULES = [  # in the order `--help` lists them and `demo` runs them
     "dsfuse.cli.tokenize_image",
     "dsfuse.cli.train_ddpm",
     "dsfuse.cli.sample",
+    "dsfuse.cli.chat",
     "dsfuse.cli.moe",
     "dsfuse.cli.classify_video",
     "dsfuse.cli.video_fusion",
