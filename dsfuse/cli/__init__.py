@@ -21,12 +21,12 @@ COMMAND_MODULES = [  # in the order `--help` lists them and `demo` runs them
     "dsfuse.cli.tokenize_image",
     "dsfuse.cli.train_ddpm",
     "dsfuse.cli.sample",
-    "dsfuse.cli.chat",
     "dsfuse.cli.moe",
     "dsfuse.cli.classify_video",
     "dsfuse.cli.video_fusion",
     "dsfuse.cli.audio_emotion",
     "dsfuse.cli.compress",
+    "dsfuse.cli.chat",
     "dsfuse.cli.demo",
 ]
 
