@@ -84,13 +84,23 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"RoPE needs an even head dimension, got {head_dim}")
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [positions, Dh]
+
+    def _cos_sin(self, end: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables covering positions 0..end-1, computed once and grown by doubling: every layer
+        and every decoding step reuses them instead of recomputing the angles."""
+        tables = self._tables
+        if tables is None or tables[0].shape[0] < end or tables[0].device != device or tables[0].dtype != dtype:
+            size = max(end, 2 * tables[0].shape[0] if tables is not None else 256)
+            angles = torch.outer(torch.arange(size, device=device, dtype=torch.float32), self.inv_freq.to(device))
+            angles = torch.cat([angles, angles], -1)
+            tables = self._tables = (angles.cos().to(dtype), angles.sin().to(dtype))
+        return tables
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """Rotate x [B, H, T, Dh] for positions offset .. offset+T-1."""
-        positions = torch.arange(offset, offset + x.shape[-2], device=x.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.inv_freq)  # [T, Dh/2]
-        cos = torch.cat([angles.cos(), angles.cos()], -1).to(x.dtype)
-        sin = torch.cat([angles.sin(), angles.sin()], -1).to(x.dtype)
+        cos, sin = self._cos_sin(offset + x.shape[-2], x.device, x.dtype)
+        cos, sin = cos[offset:offset + x.shape[-2]], sin[offset:offset + x.shape[-2]]
         first, second = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-second, first], -1) * sin
 
