@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--codebook-size", type=int, default=512)
     parser.add_argument("--train-images", type=int, default=1000)
     parser.add_argument("--eval-images", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--train-batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--skip-speed", action="store_true")
