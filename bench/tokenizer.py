@@ -116,8 +116,8 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
-def _speed_worker(contender: str, args: argparse.Namespace, queue) -> None:
-    torch.set_num_threads(args.threads)
+def workload(contender: str, args: argparse.Namespace):
+    """The contender's (tokenise every image, quantize every latent grid) closures, warmed up."""
     device = torch.device(args.device)
     cfg = VQVAEConfig(image_size=256, downsample=16, codebook_size=8192, latent_channels=16,
                       base_channels=args.base_channels)
@@ -125,53 +125,70 @@ def _speed_worker(contender: str, args: argparse.Namespace, queue) -> None:
     images = torch.rand(args.images, 3, 256, 256, device=device) * 2 - 1
     latents = torch.randn(args.latent_images, cfg.latent_channels, 16, 16, device=device)
 
+    @torch.no_grad()
     def tokenize_all() -> None:
         for chunk in images.split(args.batch_size):
             model.tokenize(chunk)
 
+    @torch.no_grad()
     def quantize_all() -> None:
-        with torch.no_grad():
-            for chunk in latents.split(64):
-                model.quantizer.encode(rearrange(chunk, "b c h w -> b h w c"))
+        for chunk in latents.split(64):
+            model.quantizer.encode(rearrange(chunk, "b c h w -> b h w c"))
 
-    with torch.no_grad():
-        tokenize_all()  # warm-up (and the reference's k-means init, which runs on its first batch)
-        quantize_all()
-    tokenize_s, tokenize_mib = timed(tokenize_all, args.repeats, device)
-    quantize_s, quantize_mib = timed(quantize_all, args.repeats, device)
-    queue.put({"contender": contender, "images_per_s": args.images / tokenize_s, "peak_mib": tokenize_mib,
-               "tokens_per_s": args.latent_images * 256 / quantize_s, "quantize_peak_mib": quantize_mib})
+    tokenize_all()  # warm-up (and the reference's k-means init, which runs on its first batch)
+    quantize_all()
+    return tokenize_all, quantize_all
 
 
-def timed(fn, repeats: int, device: torch.device) -> tuple[float, float]:
-    """(best seconds of `repeats` calls, peak memory in MiB above what was held before)."""
-    if device.type == "cuda":
+def _memory_worker(contender: str, args: argparse.Namespace, queue) -> None:
+    torch.set_num_threads(args.threads)
+    tokenize_all, quantize_all = workload(contender, args)
+    queue.put({"peak_mib": peak_memory(tokenize_all, args.device),
+               "quantize_peak_mib": peak_memory(quantize_all, args.device)})
+
+
+def peak_memory(fn, device: str) -> float:
+    """Peak memory of one call in MiB, above what was held before it."""
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         held = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the peak-RSS counter
-        held = _rss_kib("VmRSS") * 1024
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
-    return best, max(peak - held, 0) / 2**20
+        return (torch.cuda.max_memory_allocated() - held) / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the peak-RSS counter
+    held = _rss_kib("VmRSS")
+    fn()
+    return max(_rss_kib("VmHWM") - held, 0) / 1024
+
+
+def best_seconds(fn, device: str) -> float:
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def speed_table(args: argparse.Namespace, contenders: list[str]) -> list[dict]:
+    """Memory: each contender alone in a fresh process. Speed: all in this process, timed in
+    alternation (round-robin, best of --repeats), so a load change on a shared machine hits all alike."""
     context = mp.get_context("spawn")
     rows = []
     for contender in contenders:
         queue = context.Queue()
-        proc = context.Process(target=_speed_worker, args=(contender, args, queue))
+        proc = context.Process(target=_memory_worker, args=(contender, args, queue))
         proc.start()
-        rows.append(queue.get())
+        rows.append({"contender": contender, **queue.get()})
         proc.join()
+    torch.set_num_threads(args.threads)
+    loads = [workload(c, args) for c in contenders]
+    best = [[float("inf"), float("inf")] for _ in contenders]
+    for _ in range(args.repeats):
+        for i, (tokenize_all, quantize_all) in enumerate(loads):
+            best[i][0] = min(best[i][0], best_seconds(tokenize_all, args.device))
+            best[i][1] = min(best[i][1], best_seconds(quantize_all, args.device))
+    for row, (tokenize_s, quantize_s) in zip(rows, best):
+        row.update(images_per_s=args.images / tokenize_s, tokens_per_s=args.latent_images * 256 / quantize_s)
     return rows
 
 
@@ -270,14 +287,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latent-images", type=int, default=256, help="latent grids per quantizer-only timing")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--base-channels", type=int, default=32, help="encoder width for the speed table")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", type=int, default=32, help="image size for the quality table")
     parser.add_argument("--quality-downsample", type=int, default=4)
     parser.add_argument("--quality-channels", type=int, default=16)
     parser.add_argument("--codebook-size", type=int, default=512)
     parser.add_argument("--train-images", type=int, default=1000)
     parser.add_argument("--eval-images", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--train-batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--skip-speed", action="store_true")

@@ -48,8 +48,10 @@ def tokenize_image(
     """Turn images into grids of discrete tokens (and tokens back into images) with a VQ-VAE checkpoint.
 
     Images of any size are resized (short side) and centre-cropped to the model's image size.
-    With --json: one line per image {"file", "grid": [h, w], "tokens": [...], "tokenizer"}; token files
-    record the tokenizer's fingerprint, and --decode refuses tokens made by another tokenizer.
+
+    --json: one line per image {"file", "grid" (h, w), "tokens" (h*w ids, row-major), "tokenizer"}.
+
+    Token files record the tokenizer's fingerprint; --decode refuses tokens another tokenizer made.
 
     Example: dsfuse tokenize-image samples/images/photos --checkpoint runs/vq --out tokens.safetensors
     """

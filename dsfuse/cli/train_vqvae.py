@@ -65,12 +65,12 @@ def fixed_eval_images(dataset, count: int):
 def train_vqvae(
     data: Annotated[Path, typer.Argument(help="Folder of images (jpg, png, webp, bmp), searched recursively.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory for model, metrics and pictures.")],
-    quantizer: Annotated[str | None, typer.Option("--quantizer", help="vq (EMA codebook) or fsq. [default: vq]")] = None,
-    codebook_size: Annotated[int | None, typer.Option("--codebook-size", "-k", help="Codes K. [default: 8192]")] = None,
-    downsample: Annotated[int | None, typer.Option("--downsample", "-f", help="4, 8 or 16: one token per FxF pixels. [default: 16]")] = None,
-    image_size: Annotated[int | None, typer.Option("--image-size", "-s", help="Training size S (resize + centre-crop). [default: 256]")] = None,
-    latent_channels: Annotated[int | None, typer.Option("--latent-channels", help="Channels of the latent. [default: 16]")] = None,
-    base_channels: Annotated[int | None, typer.Option("--base-channels", help="Width of the first level. [default: 64]")] = None,
+    quantizer: Annotated[str | None, typer.Option("--quantizer", help="vq (EMA codebook) or fsq (default vq).")] = None,
+    codebook_size: Annotated[int | None, typer.Option("--codebook-size", "-k", help="Codes K (default 8192).")] = None,
+    downsample: Annotated[int | None, typer.Option("--downsample", "-f", help="4, 8 or 16: one token per FxF pixels (default 16).")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", "-s", help="Training size S: resize + centre-crop (default 256).")] = None,
+    latent_channels: Annotated[int | None, typer.Option("--latent-channels", help="Channels of the latent (default 16).")] = None,
+    base_channels: Annotated[int | None, typer.Option("--base-channels", help="Width of the first level (default 64).")] = None,
     preset: Annotated[str | None, typer.Option("--preset", help="chameleon: 512 px, F=16, K=8192.")] = None,
     val: Annotated[Path | None, typer.Option("--val", help="Held-out image folder for evaluation (default: the first training images).")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps in all (also when resuming).")] = 2000,
@@ -87,9 +87,11 @@ def train_vqvae(
 ) -> None:
     """Train an image tokenizer: a VQ-VAE whose images become grids of discrete tokens.
 
-    Every --eval-every steps: a reconstruction grid PNG (originals above, reconstructions below) and
-    PSNR, SSIM, codebook usage and perplexity in metrics.jsonl. At the end: model.safetensors and
-    curves.png. Unreadable images are skipped with a warning.
+    Every --eval-every steps: reconstructions/step_N.png (originals above, reconstructions below).
+
+    metrics.jsonl: loss, and PSNR, SSIM, codebook usage, perplexity at each evaluation.
+
+    At the end: model.safetensors and curves.png. Unreadable images are skipped with a warning.
 
     Example: dsfuse train-vqvae samples/images --out runs/vq --image-size 64 --downsample 8 --codebook-size 512 --steps 300
     """

@@ -149,9 +149,9 @@ class VectorQuantizer(nn.Module):
                 self._initialise(flat.detach())
             indices = nearest_codes(flat.detach(), self.codebook)
             counts = torch.bincount(indices, minlength=self.codebook_size)
+            quantized = F.embedding(indices, self.codebook)  # the codes as picked, before the update moves them
             if self.training:
                 self._update_codebook(flat.detach(), indices, counts)
-            quantized = F.embedding(indices, self.codebook)
         z = flat.to(x.dtype)
         commit = F.mse_loss(z, quantized.to(x.dtype).detach())
         z_q = z + (quantized.to(x.dtype) - z).detach()  # straight-through: gradients skip the rounding
