@@ -291,6 +291,7 @@ def predict(
 
     Example: dsfuse audio-emotion predict talk.mp3 --checkpoint runs/emotion --segment 2.0 --json
     """
+    from dsfuse.cli.audio_fusion import is_fused_checkpoint, predict_fused
     from dsfuse.data.audio import AUDIO_SUFFIXES, LogMel, MelConfig
     from dsfuse.device import seed_everything, select_device
 
@@ -299,8 +300,6 @@ def predict(
                          f"got {segment}", "--segment")
     torch_device = select_device(device)
     seed_everything(seed)
-    from dsfuse.cli.audio_fusion import is_fused_checkpoint, predict_fused
-
     if is_fused_checkpoint(checkpoint):  # trained with --fusion: audio + transcript
         return predict_fused(expand_inputs(files, AUDIO_SUFFIXES), checkpoint, segment=segment, device=torch_device,
                              json=json, quiet=quiet)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dsfuse.cli.common import for_each_input, print_table, report_training, warn
-from dsfuse.cli.video_fusion import FUSION_CHOICES, check_fusion
+from dsfuse.cli.video_fusion import check_fusion
 from dsfuse.errors import InputError, UsageError
 
 if TYPE_CHECKING:
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from dsfuse.models.audio_text import AudioTextClassifier
 
 FUSED_KIND = "audio-text"
-__all__ = ["FUSION_CHOICES", "is_fused_checkpoint", "train_fused", "predict_fused"]
 
 
 def is_fused_checkpoint(checkpoint: Path) -> bool:
@@ -56,7 +55,7 @@ def classify_fused(model: AudioTextClassifier, features: Sequence[torch.Tensor],
 
     order = sorted(range(len(features)), key=lambda i: len(features[i]))  # little padding per batch
     probs = torch.empty(len(features), model.config.num_classes)
-    gates = torch.empty(len(features), 2)
+    gates = torch.empty(len(features), 2) if model.config.fusion == "gated" else None
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
@@ -64,9 +63,9 @@ def classify_fused(model: AudioTextClassifier, features: Sequence[torch.Tensor],
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(batch["features"], batch["mask"], batch["text"], batch["text_mask"])
             probs[index] = logits.float().softmax(-1).cpu()
-            if (weights := model.fusion.gate_weights()) is not None:
-                gates[index] = weights.float().cpu()
-    return probs, gates if model.config.fusion == "gated" else None
+            if gates is not None:
+                gates[index] = model.fusion.gate_weights().float().cpu()
+    return probs, gates
 
 
 def train_fused(data: Path, out: Path, *, fusion: str, labels: str, split_by: str, heldout: Path | None,
