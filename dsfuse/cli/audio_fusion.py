@@ -73,8 +73,6 @@ def train_fused(data: Path, out: Path, *, fusion: str, labels: str, split_by: st
                 n_mels: int, crop_seconds: float, eval_every: int, resume: bool, device: torch.device, seed: int,
                 json: bool, quiet: bool, force: bool) -> None:
     """Train an audio-text model on the clips that have a transcript beside them; report held-out scores."""
-    from dataclasses import replace
-
     import torch
     import torch.nn.functional as F
 
@@ -85,7 +83,8 @@ def train_fused(data: Path, out: Path, *, fusion: str, labels: str, split_by: st
     from dsfuse.data.transcripts import TranscribedClips, collate_transcribed
     from dsfuse.device import seed_everything
     from dsfuse.engine import TrainConfig, fit, prepare_run_dir, read_metrics
-    from dsfuse.models.audio_text import AudioTextClassifier, AudioTextConfig, TextConfig, small_audio_config
+    from dsfuse.models.audio import AudioConfig
+    from dsfuse.models.audio_text import AudioTextClassifier, AudioTextConfig, TextConfig
     from dsfuse.nn.moe import moe_aux_loss
     from dsfuse.plots import plot_confusion, plot_curves
 
@@ -119,9 +118,10 @@ def train_fused(data: Path, out: Path, *, fusion: str, labels: str, split_by: st
         config = AudioTextConfig(**read_metadata(run_dir / MODEL_FILE)["config"])
     else:
         frames = torch.cat(train_features)
-        audio_cfg = replace(small_audio_config(), n_mels=n_mels, num_classes=len(classes), dim=dim, depth=depth,
-                            ffn=ffn, n_heads=max(1, dim // 32), ffn_hidden=2 * dim,
-                            feature_mean=float(frames.mean()), feature_std=float(frames.std()))
+        # the audio encoder audio-emotion train builds without --fusion, so the two compare like for like
+        audio_cfg = AudioConfig(n_mels=n_mels, num_classes=len(classes), dim=dim, depth=depth, ffn=ffn,
+                                n_heads=max(1, dim // 32), feature_mean=float(frames.mean()),
+                                feature_std=float(frames.std()))
         config = AudioTextConfig(audio=audio_cfg, text=text_cfg, fusion=fusion, num_classes=len(classes),
                                  fusion_dim=dim)
     seed_everything(seed)
