@@ -33,6 +33,7 @@ MODEL_KINDS: dict[str, str] = {
     "compressor": "dsfuse.models.compressor:TokenCompressor",
     "av-fusion": "dsfuse.models.av_fusion:AVFusionClassifier",
     "av-video": "dsfuse.models.av_video:AudioVisualVideoClassifier",
+    "audio-text": "dsfuse.models.audio_text:AudioTextClassifier",
     "unet": "dsfuse.models.unet:UNet",
 }
 

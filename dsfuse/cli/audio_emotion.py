@@ -130,6 +130,9 @@ def train(
     crop_seconds: Annotated[float, typer.Option("--crop-seconds", help="Training crop length; held-out clips "
                                                 "are classified whole.")] = 2.0,
     eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate every N steps (0: at the end).")] = 0,
+    fusion: Annotated[str, typer.Option("--fusion", help="Fuse the audio with the transcript beside each clip "
+                                        "(clip.wav + clip.txt): none, early, mid, late, gated, bottleneck, "
+                                        "qformer or hybrid. Clips without one are left out.")] = "none",
     resume: ResumeOpt = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -141,6 +144,7 @@ def train(
     """Train a speech-emotion classifier (log-mel, MLA transformer) and report held-out accuracy and F1.
 
     Example: dsfuse audio-emotion train synthetic/train --heldout synthetic/heldout --out runs/emotion
+    Example: dsfuse audio-emotion train synthetic/train --heldout synthetic/heldout --out runs/fused --fusion gated
     """
     import torch
     import torch.nn.functional as F
@@ -160,6 +164,13 @@ def train(
     if not crop_seconds > 0.5:
         raise UsageError(f"crop-seconds must be above 0.5, got {crop_seconds}", "--crop-seconds")
     torch_device = select_device(device)
+    if fusion != "none":  # audio + transcript, in cli/audio_fusion.py
+        from dsfuse.cli.audio_fusion import train_fused
+
+        return train_fused(data, out, fusion=fusion, labels=labels, split_by=split_by, heldout=heldout,
+                           heldout_fraction=heldout_fraction, steps=steps, batch_size=batch_size, lr=lr, dim=dim,
+                           depth=depth, ffn=ffn, n_mels=n_mels, crop_seconds=crop_seconds, eval_every=eval_every,
+                           resume=resume, device=torch_device, seed=seed, json=json, quiet=quiet, force=force)
     train_cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(50, steps // 10),
                             eval_every=eval_every, seed=seed, quiet=quiet)
     train_clips, heldout_clips = split_for_training(data, labels, split_by, heldout, heldout_fraction, seed)
@@ -276,8 +287,11 @@ def predict(
 ) -> None:
     """Label the emotion of each file (with probabilities), or with --segment a timeline over long audio.
 
+    A checkpoint trained with --fusion also reads each file's transcript (clip.wav + clip.txt).
+
     Example: dsfuse audio-emotion predict talk.mp3 --checkpoint runs/emotion --segment 2.0 --json
     """
+    from dsfuse.cli.audio_fusion import is_fused_checkpoint, predict_fused
     from dsfuse.data.audio import AUDIO_SUFFIXES, LogMel, MelConfig
     from dsfuse.device import seed_everything, select_device
 
@@ -286,6 +300,9 @@ def predict(
                          f"got {segment}", "--segment")
     torch_device = select_device(device)
     seed_everything(seed)
+    if is_fused_checkpoint(checkpoint):  # trained with --fusion: audio + transcript
+        return predict_fused(expand_inputs(files, AUDIO_SUFFIXES), checkpoint, segment=segment, device=torch_device,
+                             json=json, quiet=quiet)
     model, classes = load_classifier(checkpoint, torch_device)
     mel = LogMel(MelConfig(n_mels=model.config.n_mels))
     paths = expand_inputs(files, AUDIO_SUFFIXES)
@@ -326,6 +343,8 @@ def synthetic(
     heldout_sentences: Annotated[int, typer.Option("--heldout-sentences", help="Sentences kept for OUT/heldout "
                                                    "only (0: no split).")] = 4,
     emotions: Annotated[str, typer.Option("--emotions", help="Comma-separated classes.")] = "neutral,happy,sad,angry",
+    transcripts: Annotated[bool, typer.Option("--transcripts", help="Also write each clip's sentence beside it "
+                                              "(clip.txt), for train --fusion.")] = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     json: JsonOpt = False,
@@ -357,7 +376,7 @@ def synthetic(
     with bar:
         for name, (split_voices, split_sentences) in plan.items():
             paths = write_synthetic_set(out / name, split_voices, split_sentences, classes, seed,
-                                        on_clip=lambda _: bar.update(1))
+                                        on_clip=lambda _: bar.update(1), transcripts=transcripts)
             splits[name or "all"] = {"folder": str(out / name), "clips": len(paths), "voices": split_voices,
                                      "sentences": split_sentences}
     summary = {"out": str(out), "clips": total, "classes": classes, "splits": splits}

@@ -18,7 +18,9 @@ import torch
 from dsfuse.data.audio import SAMPLE_RATE, resample
 from dsfuse.data.media import write_audio
 from dsfuse.data.speech import EMOTION_PROSODY, Prosody, synthesize
+from dsfuse.data.transcripts import transcript_path
 from dsfuse.errors import UsageError
+from dsfuse.io import write_text
 
 # Written for this set: short, emotionally neutral statements and questions of varied length.
 SENTENCES = (
@@ -76,10 +78,11 @@ def synthesize_clip(text: str, prosody: Prosody, rng: np.random.Generator,
 
 def write_synthetic_set(out: Path, voices: Sequence[str], sentences: Sequence[int],
                         emotions: Sequence[str] = tuple(EMOTION_PROSODY), seed: int = 0,
-                        on_clip: Callable[[Path], None] | None = None) -> list[Path]:
+                        on_clip: Callable[[Path], None] | None = None, transcripts: bool = False) -> list[Path]:
     """Write every (emotion, voice, sentence) clip as OUT/<emotion>/<voice>_s<NN>.wav; return the paths.
 
-    `on_clip(path)` is called after each clip (for a progress bar).
+    With `transcripts`, the sentence is also written beside each clip as <voice>_s<NN>.txt (for
+    audio-text fusion). `on_clip(path)` is called after each clip (for a progress bar).
     """
     unknown = [e for e in emotions if e not in EMOTION_PROSODY]
     if unknown:
@@ -94,6 +97,8 @@ def write_synthetic_set(out: Path, voices: Sequence[str], sentences: Sequence[in
                 prosody = _jittered(EMOTION_PROSODY[emotion], voice, rng)
                 path = out / emotion / f"{voice}_s{sentence:02d}.wav"
                 written.append(write_audio(path, synthesize_clip(SENTENCES[sentence], prosody, rng), SAMPLE_RATE))
+                if transcripts:
+                    write_text(transcript_path(path), SENTENCES[sentence] + "\n")
                 if on_clip is not None:
                     on_clip(path)
     return written
