@@ -8,6 +8,7 @@ terms of (x0, eps): what the objective says the network's output means.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from dsfuse.diffusion.schedules import NoiseSchedule
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 
 
-class Sampler:
+class Sampler(ABC):
     """Shared bookkeeping: the schedule, the objective, the chosen timesteps and x0 clipping."""
 
     def __init__(self, schedule: NoiseSchedule, objective: Objective, clip_x0: float | None = 1.0):
@@ -56,9 +57,10 @@ class Sampler:
             eps = (x - alpha * x0) / sigma
         return x0, eps
 
+    @abstractmethod
     def step(self, output: torch.Tensor, t: int, x: torch.Tensor,
              generator: torch.Generator | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """x at the next (earlier) timestep, from the network's output at t."""
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
