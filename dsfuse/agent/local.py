@@ -63,6 +63,30 @@ def mentioned_paths(text: str) -> list[str]:
     return list(dict.fromkeys(w for w in words if "/" in w or re.fullmatch(r"[\w.-]+\.[A-Za-z0-9]{1,5}", w)))
 
 
+STOPWORDS = {"the", "and", "with", "for", "from", "into", "what", "does", "this", "that", "tell", "give",
+             "please", "using", "your", "file", "files", "run"}
+TOOLS_SHOWN = 4  # a 135M model picks well among a few tools and poorly among a dozen
+
+
+def _stems(text: str) -> set[str]:
+    """Crude stems (first five letters) of the content words of `text`: tokens ~ tokenize ~ tokenizer."""
+    return {w[:5] for w in re.findall(r"[a-z]+", text.lower()) if len(w) > 2 and w not in STOPWORDS}
+
+
+def relevant_tools(question: str, tools: list[dict[str, Any]], keep: int = TOOLS_SHOWN) -> list[dict[str, Any]]:
+    """The `keep` tools whose names (weighted 3x) and descriptions share most words with the question;
+    ties keep the registry's order."""
+    paths = set(mentioned_paths(question))  # words of a path name files, not what to do with them
+    asked = _stems(" ".join(w for w in question.split() if w.rstrip(".,;:!?)'\"").lstrip("('\"") not in paths))
+
+    def score(spec: dict[str, Any]) -> int:
+        fn = spec["function"]
+        name = fn["name"].replace("_", " ").replace("-", " ")
+        return 3 * len(asked & _stems(name)) + len(asked & _stems(fn["description"]))
+
+    return sorted(tools, key=score, reverse=True)[:keep] if len(tools) > keep else tools
+
+
 def describe_tools(tools: list[dict[str, Any]]) -> str:
     """One compact line per tool: name(required, optional?): what it does."""
     lines = []
@@ -165,6 +189,9 @@ class LocalBackend:
 
     def complete(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                  on_delta: DeltaHandler | None = None) -> AssistantTurn:
+        if tools:
+            question = next((m.get("content") or "" for m in reversed(messages) if m["role"] == "user"), "")
+            tools = relevant_tools(question, tools)
         prompt_ids = self.tokenizer.encode(render_prompt(messages, tools)).ids
         if len(prompt_ids) + self.max_new_tokens > self.model.cfg.max_seq_len:
             raise DsfuseError(f"the conversation ({len(prompt_ids)} tokens) no longer fits the local model's "
