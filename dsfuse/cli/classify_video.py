@@ -286,6 +286,11 @@ def register(root: typer.Typer) -> None:
     root.add_typer(app, name="classify-video")
 
 
+def summarize_predictions(records: list[dict]) -> str:
+    """The demo's one-line summary of `predict --json` records: file -> top label."""
+    return "; ".join(f"{Path(r['file']).stem} -> {r['top'][0]['label']}" for r in records)
+
+
 def demo_steps(samples: Path, out: Path) -> list:
     from dsfuse.cli.demo import DemoStep
 
@@ -295,9 +300,6 @@ def demo_steps(samples: Path, out: Path) -> list:
         r = records[0]
         return f"{r['backbone']}, {r['step']} steps: held-out accuracy {r['accuracy']:.0%} (tiny run)"
 
-    def predicted(records: list[dict]) -> str:
-        return "; ".join(f"{Path(r['file']).stem} -> {r['top'][0]['label']}" for r in records)
-
     return [
         DemoStep("classify-video make-dataset", ["classify-video", "make-dataset", str(data), "--per-class", "6",
                                                  "--frames", "16", "--size", "48"],
@@ -305,5 +307,5 @@ def demo_steps(samples: Path, out: Path) -> list:
         DemoStep("classify-video train", ["classify-video", "train", str(data), "--out", str(run), "--steps", "20",
                                           "--batch-size", "8", "--held-out", "0.34"], trained, [run]),
         DemoStep("classify-video predict", ["classify-video", "predict", str(samples / "video"), "--checkpoint",
-                                            str(run), "--top-k", "2", "--clips", "2"], predicted),
+                                            str(run), "--top-k", "2", "--clips", "2"], summarize_predictions),
     ]

@@ -198,6 +198,7 @@ def register(app) -> None:
 
 
 def demo_steps(samples: Path, out: Path) -> list:
+    from dsfuse.cli.classify_video import summarize_predictions
     from dsfuse.cli.demo import DemoStep
 
     data, run = out / "av-data", out / "av-run"
@@ -205,9 +206,6 @@ def demo_steps(samples: Path, out: Path) -> list:
     def trained(records: list[dict]) -> str:
         r = records[0]
         return f"{r['fusion']} fusion, {r['step']} steps: held-out accuracy {r['accuracy']:.0%} (tiny run)"
-
-    def predicted(records: list[dict]) -> str:
-        return "; ".join(f"{Path(r['file']).stem} -> {r['top'][0]['label']}" for r in records)
 
     return [
         DemoStep("classify-video make-dataset --audio", ["classify-video", "make-dataset", str(data), "--per-class",
@@ -218,5 +216,5 @@ def demo_steps(samples: Path, out: Path) -> list:
                                                    "--held-out", "0.34"], trained, [run]),
         DemoStep("classify-video predict (fused)", ["classify-video", "predict", str(samples / "video" / "left.mp4"),
                                                     str(samples / "video" / "right.mp4"), "--checkpoint", str(run),
-                                                    "--top-k", "2", "--clips", "1"], predicted),
+                                                    "--top-k", "2", "--clips", "1"], summarize_predictions),
     ]
