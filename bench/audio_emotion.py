@@ -1,10 +1,12 @@
 """audio-emotion benchmark: held-out accuracy on the synthetic set, and flat memory for `predict --segment`.
 
-1. Accuracy: `dsfuse audio-emotion synthetic` (held-out voices AND sentences), then `train`; compared
-   with a reference measured on the same split in this run: logistic regression (scikit-learn) on
-   each clip's mean and standard deviation of log-mel features. CPU seconds are the trainer's own
-   (user + system), wall seconds include waiting for a shared machine.
-2. Memory: `predict --segment 2` on 48 kHz stereo files of growing length (peak RSS of the process),
+1. Accuracy: `dsfuse audio-emotion synthetic` (held-out voices AND sentences), then `train` with and
+   without `--speaker-norm`; compared with a reference measured on the same split in this run: logistic
+   regression (scikit-learn) on each clip's mean and standard deviation of log-mel features, with and
+   without the same speaker normalisation. CPU seconds are the trainer's own (user + system), wall
+   seconds include waiting for a shared machine.
+2. Memory: `predict --segment 2` with the speaker-normalised model (a streamed baseline pass, then the
+   timeline) on 48 kHz stereo files of growing length (peak RSS of the process),
    against a reference that decodes the whole file first and then classifies the same segments.
 
     python bench/audio_emotion.py                      # full: 20 voices x 16 sentences, 1/3/10-minute files
@@ -31,16 +33,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dsfuse.data.audio import SAMPLE_RATE, LogMel, load_audio, trim_silence  # noqa: E402
-from dsfuse.data.emotion_speech import find_labelled_clips  # noqa: E402
+from dsfuse.data.emotion_speech import SpeakerBaselines, find_labelled_clips  # noqa: E402
 
-console = Console(stderr=False)
+console = Console(stderr=False, width=150)
 
 # The non-streaming reference: decode everything, then classify the same segments as --segment does.
 WHOLE_FILE_REFERENCE = """
 import sys, torch
 from dsfuse.cli.audio_emotion import classify, load_classifier
 from dsfuse.data.audio import LogMel, MelConfig, load_audio
-model, classes = load_classifier(sys.argv[1], torch.device("cpu"))
+model, classes, _ = load_classifier(sys.argv[1], torch.device("cpu"))
 mel = LogMel(MelConfig(n_mels=model.config.n_mels))
 wave = load_audio(sys.argv[2])
 labels = [classes[int(classify(model, [mel(block)], torch.device("cpu"))[0].argmax())]
@@ -70,16 +72,17 @@ def dsfuse(*args: str) -> list[str]:
     return [sys.executable, "-m", "dsfuse", *map(str, args)]
 
 
-def pooled_features(folder: Path, mel: LogMel) -> tuple[np.ndarray, list[str]]:
+def pooled_features(folder: Path, mel: LogMel, speaker_norm: bool) -> tuple[np.ndarray, list[str]]:
     clips = find_labelled_clips(folder)
-    rows = []
-    for clip in clips:
-        features = mel(trim_silence(load_audio(clip.path)))
-        rows.append(torch.cat([features.mean(0), features.std(0)]).numpy())
+    features = [mel(trim_silence(load_audio(clip.path))) for clip in clips]
+    if speaker_norm:
+        baselines = SpeakerBaselines.of([c.speaker for c in clips], features)
+        features = [baselines.normalize(c.speaker, f) for c, f in zip(clips, features)]
+    rows = [torch.cat([f.mean(0), f.std(0)]).numpy() for f in features]
     return np.stack(rows), [c.label for c in clips]
 
 
-def reference_accuracy(data: Path) -> tuple[float, float] | None:
+def reference_accuracy(data: Path, speaker_norm: bool) -> tuple[float, float] | None:
     """Held-out accuracy and macro F1 of logistic regression on pooled log-mel statistics."""
     try:
         from sklearn.linear_model import LogisticRegression
@@ -90,40 +93,44 @@ def reference_accuracy(data: Path) -> tuple[float, float] | None:
         console.print("note: scikit-learn is not installed; the logistic-regression reference is skipped")
         return None
     mel = LogMel()
-    x_train, y_train = pooled_features(data / "train", mel)
-    x_test, y_test = pooled_features(data / "heldout", mel)
+    x_train, y_train = pooled_features(data / "train", mel, speaker_norm)
+    x_test, y_test = pooled_features(data / "heldout", mel, speaker_norm)
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x_train, y_train)
     pred = model.predict(x_test)
     return float(np.mean(pred == np.array(y_test))), float(f1_score(y_test, pred, average="macro"))
 
 
 def accuracy_bench(work: Path, quick: bool, steps: int) -> Path:
-    data, run = work / "synthetic", work / "run"
+    """Train plain and speaker-normalised models and the references; return the speaker-normalised run."""
+    import json
+
+    data = work / "synthetic"
     voices, sentences, held_voices, held_sentences = (8, 8, 2, 2) if quick else (20, 16, 4, 4)
     made, wall, _, _ = run_measured(dsfuse("audio-emotion", "synthetic", data, "--voices", voices, "--sentences",
                                            sentences, "--heldout-voices", held_voices, "--heldout-sentences",
                                            held_sentences, "--json", "-q", "--force"))
     console.print(f"synthetic set: {made.stdout.strip()[:160]}... ({wall:.0f} s)")
-    trained, wall, cpu, _ = run_measured(dsfuse("audio-emotion", "train", data / "train", "--heldout",
-                                                data / "heldout", "--out", run, "--steps", steps, "--json", "-q",
-                                                "--device", "cpu", "--force"))
-    import json
-
-    report = json.loads(trained.stdout) if trained.returncode == 0 else {}
-    t0, t1 = time.process_time(), time.perf_counter()
-    reference = reference_accuracy(data)
-    ref_cpu, ref_wall = time.process_time() - t0, time.perf_counter() - t1
-
-    table = Table(title=f"held-out accuracy: {report.get('heldout_clips', '?')} clips of unseen voices and "
-                        f"sentences, {report.get('train_clips', '?')} training clips", title_justify="left")
-    for col in ("model", "accuracy", "macro F1", "train CPU s", "train wall s"):
+    table = Table(title="held-out accuracy: clips of unseen voices and sentences", title_justify="left")
+    for col in ("model", "accuracy", "macro F1", "train CPU s", "train wall s", "held-out / train clips"):
         table.add_column(col)
-    if report:
-        table.add_row(f"MLA transformer, {steps} steps (dsfuse)", f"{report['accuracy']:.1%}",
-                      f"{report['macro_f1']:.3f}", f"{cpu:.0f}", f"{wall:.0f}")
-    if reference:
-        table.add_row("reference: logistic regression on pooled log-mel", f"{reference[0]:.1%}",
-                      f"{reference[1]:.3f}", f"{ref_cpu:.0f} (features + fit)", f"{ref_wall:.0f}")
+    for speaker_norm in (False, True):
+        norm = ["--speaker-norm"] if speaker_norm else []
+        how = ", speaker-normalised" if speaker_norm else ""
+        run = work / ("run-speaker-norm" if speaker_norm else "run")
+        trained, wall, cpu, _ = run_measured(dsfuse("audio-emotion", "train", data / "train", "--heldout",
+                                                    data / "heldout", "--out", run, "--steps", steps, *norm,
+                                                    "--json", "-q", "--device", "cpu", "--force"))
+        if trained.returncode == 0:
+            report = json.loads(trained.stdout)
+            table.add_row(f"MLA transformer, {steps} steps (dsfuse){how}", f"{report['accuracy']:.1%}",
+                          f"{report['macro_f1']:.3f}", f"{cpu:.0f}", f"{wall:.0f}",
+                          f"{report['heldout_clips']} / {report['train_clips']}")
+        t0, t1 = time.process_time(), time.perf_counter()
+        reference = reference_accuracy(data, speaker_norm)
+        if reference:
+            table.add_row(f"reference: logistic regression on pooled log-mel{how}", f"{reference[0]:.1%}",
+                          f"{reference[1]:.3f}", f"{time.process_time() - t0:.0f} (features + fit)",
+                          f"{time.perf_counter() - t1:.0f}", "")
     console.print(table)
     return run
 

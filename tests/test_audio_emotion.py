@@ -14,7 +14,8 @@ import torch
 
 from dsfuse.data.audio import (SAMPLE_RATE, LogMel, MelConfig, SpecAugment, load_audio, stream_audio,
                                trim_silence)
-from dsfuse.data.emotion_speech import (LogMelClips, collate_padded, find_labelled_clips, split_clips)
+from dsfuse.data.emotion_speech import (LogMelClips, SpeakerBaselines, collate_padded, find_labelled_clips,
+                                        speaker_of, split_clips)
 from dsfuse.data.synthetic_speech import synthetic_split
 from dsfuse.errors import InputError, UsageError
 from dsfuse.models.audio import AudioConfig, AudioEmotionClassifier
@@ -137,6 +138,28 @@ def test_folder_labels_and_speaker_split_keep_speakers_apart(tmp_path):
     assert len(train) + len(heldout) == len(clips) and len(heldout) == 4  # one speaker of five
 
 
+def test_speakers_from_file_names_of_each_scheme():
+    assert speaker_of(Path("sad/en+m1_s03.wav")) == "en+m1"
+    assert speaker_of(Path("1001_DFA_ANG_XX.wav"), "crema-d") == "1001"
+    assert speaker_of(Path("03-01-05-01-02-01-12.wav"), "ravdess") == "actor12"
+    assert speaker_of(Path("talk.mp3"), "ravdess") == "talk"  # off-convention: its own speaker
+
+
+def test_speaker_baselines_remove_each_voices_offset():
+    torch.manual_seed(0)
+    clips = [torch.randn(n, 8) for n in (30, 50, 40)]
+    offset = torch.linspace(-3, 3, 8)  # a second voice: the same clips, louder in some bands
+    speakers = ["a"] * 3 + ["b"] * 3
+    baselines = SpeakerBaselines.of(speakers, clips + [c + offset for c in clips])
+    assert baselines.frames("a") == 120 and baselines.frames("nobody") == 0
+    for clip in clips:
+        torch.testing.assert_close(baselines.normalize("b", clip + offset), baselines.normalize("a", clip))
+    frames = torch.cat([baselines.normalize("a", c) for c in clips])
+    torch.testing.assert_close(frames.mean(0), torch.zeros(8), atol=1e-6, rtol=0)
+    with pytest.raises(KeyError):
+        baselines.normalize("nobody", clips[0])
+
+
 def test_synthetic_split_shares_no_voice_or_sentence():
     plan = synthetic_split(20, 16, 3, 4)
     (train_voices, train_sentences), (held_voices, held_sentences) = plan["train"], plan["heldout"]
@@ -207,6 +230,18 @@ def trained(tmp_path_factory):
     return {"data": data, "run": run, "synthetic": json.loads(made.stdout), "train": json.loads(trained.stdout)}
 
 
+@pytest.fixture(scope="module")
+def speaker_normed(trained, tmp_path_factory):
+    """A model trained with --speaker-norm on the same tiny set."""
+    run = tmp_path_factory.mktemp("audio-emotion-norm") / "run"
+    proc = run_cli("audio-emotion", "train", trained["data"] / "train", "--heldout", trained["data"] / "heldout",
+                   "--out", run, "--speaker-norm", "--steps", "80", "--dim", "32", "--depth", "1", "--batch-size",
+                   "12", "--json", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "speaker baseline from under 20 s" in proc.stderr  # 4 held-out clips of one voice: about 10 s
+    return {"run": run, "train": json.loads(proc.stdout)}
+
+
 @pytest.mark.slow
 def test_synthetic_set_layout(trained):
     summary, data = trained["synthetic"], trained["data"]
@@ -238,6 +273,37 @@ def test_predict_labels_files_with_probabilities(trained):
     # the trainer's own held-out accuracy, recomputed from predict's labels
     right = sum(Path(r["file"]).parent.name == r["label"] for r in records)
     assert right / len(records) == pytest.approx(trained["train"]["accuracy"])
+
+
+@pytest.mark.slow
+def test_speaker_normed_predict_matches_training(trained, speaker_normed):
+    assert speaker_normed["train"]["speaker_norm"] and not trained["train"]["speaker_norm"]
+    files = sorted((trained["data"] / "heldout").rglob("*.wav"))
+    proc = run_cli("audio-emotion", "predict", *files, "--checkpoint", speaker_normed["run"], "--json", "-q")
+    assert proc.returncode == 0, proc.stderr
+    records = json_lines(proc.stdout)
+    # the streamed per-speaker baselines of predict are the trainer's: the same accuracy and probabilities
+    right = sum(Path(r["file"]).parent.name == r["label"] for r in records)
+    assert right / len(records) == pytest.approx(speaker_normed["train"]["accuracy"])
+    alone = run_cli("audio-emotion", "predict", files[0], "--checkpoint", speaker_normed["run"], "--speaker-by",
+                    "file", "--json")
+    assert alone.returncode == 0 and "speaker baseline from under" in alone.stderr
+    assert json_lines(alone.stdout)[0]["probabilities"] != records[0]["probabilities"]
+
+
+@pytest.mark.slow
+def test_speaker_normed_timeline_and_option_errors(trained, speaker_normed, tmp_path):
+    long = torch.cat([load_audio(p) for p in sorted((trained["data"] / "train").rglob("*.wav"))[:8]])
+    sf.write(tmp_path / "long.flac", long.numpy(), SAMPLE_RATE)
+    proc = run_cli("audio-emotion", "predict", tmp_path / "long.flac", "--checkpoint", speaker_normed["run"],
+                   "--segment", "2", "--json", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert all(r["label"] in speaker_normed["train"]["classes"] for r in json_lines(proc.stdout))
+    wav = next((trained["data"] / "heldout").rglob("*.wav"))
+    ignored = run_cli("audio-emotion", "predict", wav, "--checkpoint", trained["run"], "--speaker-by", "all")
+    assert ignored.returncode == 0 and "--speaker-by is ignored" in ignored.stderr
+    assert_one_line_error(run_cli("audio-emotion", "predict", wav, "--checkpoint", speaker_normed["run"],
+                                  "--speaker-by", "voice"), 2, "--speaker-by")
 
 
 @pytest.mark.slow
@@ -302,6 +368,7 @@ def test_predict_refuses_a_checkpoint_of_another_kind(tmp_path):
     (["ONECLASS", "--out", "RUN", "--n-mels", "128"], "--n-mels"),
     (["ONECLASS", "--out", "RUN", "--ffn", "mlp"], "--ffn"),
     (["ONECLASS", "--out", "RUN", "--steps", "0"], "steps"),
+    (["ONECLASS", "--out", "RUN", "--speaker-norm", "--fusion", "gated"], "--speaker-norm"),
 ])
 def test_train_usage_errors(tmp_path, args, contains):
     (tmp_path / "EMPTY").mkdir()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -21,14 +21,18 @@ if TYPE_CHECKING:
     import torch
 
     from dsfuse.data.audio import LogMel
-    from dsfuse.data.emotion_speech import LabelledClip
+    from dsfuse.data.emotion_speech import LabelledClip, SpeakerBaselines
     from dsfuse.models.audio import AudioEmotionClassifier
+
+    Normalize = Callable[[torch.Tensor], torch.Tensor] | None  # features -> speaker-normalised features
 
 app = typer.Typer(help="Speech emotion: train on labelled clips, predict labels or timelines, make a synthetic set.",
                   no_args_is_help=True)
 
 MIN_SEGMENT_SECONDS, MAX_SEGMENT_SECONDS = 0.1, 60.0
 WHOLE_FILE_WINDOW_FRAMES = 3000  # 30 s of 10 ms log-mel frames
+SPEAKER_GROUPS = ("name", "file", "all")
+MIN_BASELINE_FRAMES = 2000  # 20 s of speech; less makes a poor speaker baseline (a held-out voice has ~40 s)
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -95,14 +99,60 @@ def evaluate_predictions(true: torch.Tensor, probs: torch.Tensor, classes: Seque
             "f1": {c: float(v) for c, v in zip(classes, f1)}, "confusion": matrix.tolist()}
 
 
-def load_classifier(checkpoint: Path, device: torch.device) -> tuple[AudioEmotionClassifier, list[str]]:
+def load_classifier(checkpoint: Path, device: torch.device) -> tuple[AudioEmotionClassifier, list[str], dict[str, Any]]:
+    """The model, its class names and the rest of what training recorded (label scheme, speaker norm)."""
     from dsfuse.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(checkpoint, kind="audio", device=device)
-    classes = (meta.get("extra") or {}).get("classes")
+    extra = meta.get("extra") or {}
+    classes = extra.get("classes")
     if not classes or len(classes) != model.config.num_classes:
         raise UsageError("checkpoint has no class names for its outputs", checkpoint)
-    return model, list(classes)
+    return model, list(classes), extra
+
+
+# --------------------------------------------------------------------------- speaker baselines
+
+def warn_thin_baselines(baselines: SpeakerBaselines, speakers: Sequence[str], quiet: bool) -> None:
+    """One warning naming the speakers whose baseline rests on too little speech to be trusted."""
+    thin = sorted({s for s in speakers if 0 < baselines.frames(s) < MIN_BASELINE_FRAMES})
+    if thin:
+        warn(f"speaker baseline from under {MIN_BASELINE_FRAMES // 100} s of speech for {len(thin)} speaker(s) "
+             f"({', '.join(thin[:3])}{', ...' if len(thin) > 3 else ''}): give several clips of mixed emotion "
+             "per speaker", quiet)
+
+
+def normalize_clips(clips: Sequence[LabelledClip], features: Sequence[torch.Tensor], quiet: bool
+                    ) -> list[torch.Tensor]:
+    """Each clip's features less its speaker's mean frame over these clips (train --speaker-norm)."""
+    from dsfuse.data.emotion_speech import SpeakerBaselines
+
+    speakers = [c.speaker for c in clips]
+    baselines = SpeakerBaselines.of(speakers, features)
+    warn_thin_baselines(baselines, speakers, quiet)
+    return [baselines.normalize(s, f) for s, f in zip(speakers, features)]
+
+
+def gather_baselines(paths: Sequence[Path], speaker_of_path: Callable[[Path], str], mel: LogMel, quiet: bool
+                     ) -> SpeakerBaselines:
+    """Each speaker's baseline over all their files given, decoded as a stream (memory stays flat).
+    Unreadable files are passed over here; predicting them reports the error."""
+    from tqdm import tqdm
+
+    from dsfuse.data.audio import is_silent, stream_audio, trim_silence
+    from dsfuse.data.emotion_speech import SpeakerBaselines
+
+    baselines = SpeakerBaselines()
+    block_seconds = WHOLE_FILE_WINDOW_FRAMES * mel.cfg.hop_length / mel.cfg.sample_rate
+    for path in tqdm(paths, desc="speaker baselines", disable=quiet, leave=False, file=sys.stderr):
+        try:
+            for block in stream_audio(path, block_seconds, mel.cfg.sample_rate):
+                if not is_silent(block):
+                    baselines.add(speaker_of_path(path), mel(trim_silence(block, mel.cfg.sample_rate)))
+        except InputError:
+            continue
+    warn_thin_baselines(baselines, [speaker_of_path(p) for p in paths], quiet)
+    return baselines
 
 
 # --------------------------------------------------------------------------- train
@@ -130,6 +180,10 @@ def train(
     crop_seconds: Annotated[float, typer.Option("--crop-seconds", help="Training crop length; held-out clips "
                                                 "are classified whole.")] = 2.0,
     eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate every N steps (0: at the end).")] = 0,
+    speaker_norm: Annotated[bool, typer.Option("--speaker-norm", help="Subtract each speaker's mean log-mel "
+                                               "frame from their clips (speakers as --split-by names them): "
+                                               "the model hears emotion relative to the voice. predict then "
+                                               "needs several clips per speaker (see its --speaker-by).")] = False,
     fusion: Annotated[str, typer.Option("--fusion", help="Fuse the audio with the transcript beside each clip "
                                         "(clip.wav + clip.txt): none, early, mid, late, gated, bottleneck, "
                                         "qformer or hybrid. Clips without one are left out.")] = "none",
@@ -144,6 +198,7 @@ def train(
     """Train a speech-emotion classifier (log-mel, MLA transformer) and report held-out accuracy and F1.
 
     Example: dsfuse audio-emotion train synthetic/train --heldout synthetic/heldout --out runs/emotion
+    Example: dsfuse audio-emotion train synthetic/train --heldout synthetic/heldout --out runs/emotion --speaker-norm
     Example: dsfuse audio-emotion train synthetic/train --heldout synthetic/heldout --out runs/fused --fusion gated
     """
     import torch
@@ -163,6 +218,8 @@ def train(
         raise UsageError(f"ffn must be one of {', '.join(FFN_KINDS)}, got {ffn!r}", "--ffn")
     if not crop_seconds > 0.5:
         raise UsageError(f"crop-seconds must be above 0.5, got {crop_seconds}", "--crop-seconds")
+    if speaker_norm and fusion != "none":
+        raise UsageError("--speaker-norm is not available with --fusion", "--speaker-norm")
     torch_device = select_device(device)
     if fusion != "none":  # audio + transcript, in cli/audio_fusion.py
         from dsfuse.cli.audio_fusion import train_fused
@@ -188,6 +245,9 @@ def train(
                                                          quiet, "features (held-out)")
     if not heldout_clips:
         raise UsageError("no usable held-out clips", heldout or data)
+    if speaker_norm:  # each side against its own speakers' baselines, as predict --speaker-by name does
+        train_features = normalize_clips(train_clips, train_features, quiet)
+        heldout_features = normalize_clips(heldout_clips, heldout_features, quiet)
     class_index = {c: i for i, c in enumerate(classes)}
     heldout_true = torch.tensor([class_index[c.label] for c in heldout_clips])
 
@@ -218,11 +278,11 @@ def train(
 
     result = fit(model, dataset, loss_fn, train_cfg, run_dir, kind="audio", config=cfg, device=torch_device,
                  resume=resume, evaluate=evaluate, collate_fn=collate_padded,
-                 extra_meta={"classes": classes, "labels": labels})
+                 extra_meta={"classes": classes, "labels": labels, "speaker_norm": speaker_norm})
     plot_curves(read_metrics(run_dir), ["loss", "train_acc", "accuracy", "macro_f1"], run_dir / "curves.png",
                 title="audio-emotion", log_keys=("loss",))
     summary = {"classes": classes, "train_clips": len(train_clips), "heldout_clips": len(heldout_clips),
-               "split": "heldout folder" if heldout else split_by, **report}
+               "split": "heldout folder" if heldout else split_by, "speaker_norm": speaker_norm, **report}
     if not json and report:
         print_table(f"audio-emotion held-out F1 ({len(heldout_clips)} clips)", ["class", "F1", "clips"],
                     [(c, report["f1"][c], int((heldout_true == i).sum())) for i, c in enumerate(classes)])
@@ -233,8 +293,8 @@ def train(
 # --------------------------------------------------------------------------- predict
 
 def predict_file(path: Path, model: AudioEmotionClassifier, classes: list[str], mel: LogMel,
-                 device: torch.device) -> dict[str, Any]:
-    """One label for a whole file: decoded, trimmed of silence, classified."""
+                 device: torch.device, normalize: Normalize = None) -> dict[str, Any]:
+    """One label for a whole file: decoded, trimmed of silence, (speaker-normalised,) classified."""
     import torch
 
     from dsfuse.data.audio import is_silent, load_audio, trim_silence
@@ -243,6 +303,8 @@ def predict_file(path: Path, model: AudioEmotionClassifier, classes: list[str], 
     if is_silent(wave):
         raise InputError("audio is silent: nothing to classify", path)
     features = mel(trim_silence(wave, mel.cfg.sample_rate))
+    if normalize is not None:
+        features = normalize(features)
     # Long files: classify 30 s windows and average by length, so attention never spans a whole hour.
     windows = list(features.split(WHOLE_FILE_WINDOW_FRAMES))
     weights = torch.tensor([len(w) for w in windows], dtype=torch.float32)
@@ -254,7 +316,7 @@ def predict_file(path: Path, model: AudioEmotionClassifier, classes: list[str], 
 
 
 def predict_timeline(path: Path, segment: float, model: AudioEmotionClassifier, classes: list[str], mel: LogMel,
-                     device: torch.device):
+                     device: torch.device, normalize: Normalize = None):
     """Yield one record per `segment` seconds, decoding the file block by block (memory stays flat)."""
     from dsfuse.data.audio import is_silent, stream_audio
 
@@ -265,11 +327,30 @@ def predict_timeline(path: Path, segment: float, model: AudioEmotionClassifier, 
         if is_silent(block):
             record.update(label=None, score=None, silent=True)
         else:
-            probs = classify(model, [mel(block)], device)[0]
+            features = mel(block)
+            probs = classify(model, [features if normalize is None else normalize(features)], device)[0]
             best = int(probs.argmax())
             record.update(label=classes[best], score=round(float(probs[best]), 4))
         yield record
         start = end
+
+
+def speaker_normalizer(paths: Sequence[Path], meta: dict[str, Any], speaker_by: str | None, mel: LogMel,
+                       quiet: bool) -> Callable[[Path], Normalize]:
+    """path -> what to do to its features: subtract its speaker's baseline if the model was trained so."""
+    from functools import partial
+
+    from dsfuse.data.emotion_speech import speaker_of
+
+    if not meta.get("speaker_norm"):
+        if speaker_by is not None:
+            warn("--speaker-by is ignored: the checkpoint was trained without --speaker-norm", quiet)
+        return lambda path: None
+    group = speaker_by or "name"
+    scheme = meta.get("labels", "folders")
+    key = {"name": lambda path: speaker_of(path, scheme), "file": str, "all": lambda path: ""}[group]
+    baselines = gather_baselines(paths, key, mel, quiet)
+    return lambda path: partial(baselines.normalize, key(path)) if baselines.frames(key(path)) else None
 
 
 @command
@@ -279,6 +360,10 @@ def predict(
     checkpoint: CheckpointOpt,
     segment: Annotated[float | None, typer.Option("--segment", help="Seconds per segment: a timeline of labels "
                                                   "over long audio, decoded as a stream.")] = None,
+    speaker_by: Annotated[str | None, typer.Option("--speaker-by", help="For a checkpoint trained with "
+                                                   "--speaker-norm, whose files share a speaker baseline: name "
+                                                   "(the training data's file-name convention), file (one long "
+                                                   "recording each) or all (one speaker).")] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     json: JsonOpt = False,
@@ -290,6 +375,7 @@ def predict(
     A checkpoint trained with --fusion also reads each file's transcript (clip.wav + clip.txt).
 
     Example: dsfuse audio-emotion predict talk.mp3 --checkpoint runs/emotion --segment 2.0 --json
+    Example: dsfuse audio-emotion predict synthetic/heldout --checkpoint runs/emotion --speaker-by name
     """
     from dsfuse.cli.audio_fusion import is_fused_checkpoint, predict_fused
     from dsfuse.data.audio import AUDIO_SUFFIXES, LogMel, MelConfig
@@ -298,17 +384,21 @@ def predict(
     if segment is not None and not MIN_SEGMENT_SECONDS <= segment <= MAX_SEGMENT_SECONDS:
         raise UsageError(f"segment must be between {MIN_SEGMENT_SECONDS} and {MAX_SEGMENT_SECONDS} seconds, "
                          f"got {segment}", "--segment")
+    if speaker_by is not None and speaker_by not in SPEAKER_GROUPS:
+        raise UsageError(f"speaker-by must be one of {', '.join(SPEAKER_GROUPS)}, got {speaker_by!r}", "--speaker-by")
     torch_device = select_device(device)
     seed_everything(seed)
     if is_fused_checkpoint(checkpoint):  # trained with --fusion: audio + transcript
         return predict_fused(expand_inputs(files, AUDIO_SUFFIXES), checkpoint, segment=segment, device=torch_device,
                              json=json, quiet=quiet)
-    model, classes = load_classifier(checkpoint, torch_device)
+    model, classes, meta = load_classifier(checkpoint, torch_device)
     mel = LogMel(MelConfig(n_mels=model.config.n_mels))
     paths = expand_inputs(files, AUDIO_SUFFIXES)
+    normalizer = speaker_normalizer(paths, meta, speaker_by, mel, quiet)
 
     if segment is None:
-        results = list(for_each_input(paths, lambda p: predict_file(p, model, classes, mel, torch_device),
+        results = list(for_each_input(paths, lambda p: predict_file(p, model, classes, mel, torch_device,
+                                                                    normalizer(p)),
                                       as_json=json, quiet=quiet))
         if not json:
             print_table("audio-emotion", ["file", "label", "score", "seconds"],
@@ -317,7 +407,7 @@ def predict(
 
     def stream_file(path: Path) -> dict[str, Any]:
         segments = 0
-        for record in predict_timeline(path, segment, model, classes, mel, torch_device):
+        for record in predict_timeline(path, segment, model, classes, mel, torch_device, normalizer(path)):
             segments += 1
             if json:  # each segment as soon as it is known: the timeline streams like the audio
                 emit_json({"file": str(path), **record})

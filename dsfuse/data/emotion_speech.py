@@ -1,5 +1,5 @@
 """Labelled emotional speech: labels and speakers from folder names or the RAVDESS / CREMA-D file-name
-conventions, speaker-disjoint splits, and a dataset of log-mel clips for training.
+conventions, speaker-disjoint splits, per-speaker feature baselines, and a dataset of log-mel clips for training.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from dsfuse.data.audio import AUDIO_SUFFIXES, LogMel, SpecAugment, load_audio, trim_silence
+from dsfuse.data.audio import AUDIO_SUFFIXES, SpecAugment
 from dsfuse.errors import UsageError
 
 LABEL_SCHEMES = ("folders", "ravdess", "crema-d")
@@ -34,30 +34,39 @@ class LabelledClip:
     speaker: str  # who speaks: what `--split-by speaker` keeps apart
 
 
-def _label_from_folder(path: Path, root: Path) -> tuple[str, str]:
-    """The folder right under DATA is the label; the speaker is the file name up to its first '_'."""
+def speaker_of(path: Path, scheme: str = "folders") -> str:
+    """Who speaks in `path` by the file-name convention of `scheme`: the RAVDESS actor, else (folders,
+    CREMA-D) the name up to its first '_'. A RAVDESS-scheme name that does not follow it is its own speaker."""
+    if scheme == "ravdess":
+        parts = path.stem.split("-")
+        return f"actor{parts[6]}" if len(parts) == 7 else path.stem
+    return path.stem.split("_", 1)[0]
+
+
+def _label_from_folder(path: Path, root: Path) -> str:
+    """The folder right under DATA is the label."""
     relative = path.relative_to(root)
     if len(relative.parts) < 2:
         raise UsageError("with --labels folders, clips must sit in one folder per class, not directly in DATA",
                          path)
-    return relative.parts[0], path.stem.split("_", 1)[0]
+    return relative.parts[0]
 
 
-def _label_from_ravdess(path: Path, root: Path) -> tuple[str, str]:
+def _label_from_ravdess(path: Path, root: Path) -> str:
     parts = path.stem.split("-")
     if len(parts) != 7 or parts[2] not in RAVDESS_EMOTIONS:
         raise UsageError("file name does not follow the RAVDESS convention (e.g. 03-01-05-01-02-01-12.wav)", path)
-    return RAVDESS_EMOTIONS[parts[2]], f"actor{parts[6]}"
+    return RAVDESS_EMOTIONS[parts[2]]
 
 
-def _label_from_crema_d(path: Path, root: Path) -> tuple[str, str]:
+def _label_from_crema_d(path: Path, root: Path) -> str:
     parts = path.stem.split("_")
     if len(parts) != 4 or parts[2] not in CREMA_D_EMOTIONS:
         raise UsageError("file name does not follow the CREMA-D convention (e.g. 1001_DFA_ANG_XX.wav)", path)
-    return CREMA_D_EMOTIONS[parts[2]], parts[0]
+    return CREMA_D_EMOTIONS[parts[2]]
 
 
-_LABELLERS: dict[str, Callable[[Path, Path], tuple[str, str]]] = {
+_LABELLERS: dict[str, Callable[[Path, Path], str]] = {
     "folders": _label_from_folder, "ravdess": _label_from_ravdess, "crema-d": _label_from_crema_d,
 }
 
@@ -72,7 +81,7 @@ def find_labelled_clips(root: str | Path, scheme: str = "folders") -> list[Label
     paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
     if not paths:
         raise UsageError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) found", root)
-    return [LabelledClip(p, *_LABELLERS[scheme](p, root)) for p in paths]
+    return [LabelledClip(p, _LABELLERS[scheme](p, root), speaker_of(p, scheme)) for p in paths]
 
 
 def split_clips(clips: Sequence[LabelledClip], by: str = "random", heldout_fraction: float = 0.2,
@@ -98,10 +107,35 @@ def split_clips(clips: Sequence[LabelledClip], by: str = "random", heldout_fract
     return [c for i, c in enumerate(clips) if i not in heldout], [c for i, c in enumerate(clips) if i in heldout]
 
 
-def clip_features(path: Path, mel: LogMel) -> torch.Tensor:
-    """Log-mel features [frames, n_mels] of one file: decoded, mono, 16 kHz, silence trimmed."""
-    wave = load_audio(path, mel.cfg.sample_rate)
-    return mel(trim_silence(wave, mel.cfg.sample_rate))
+class SpeakerBaselines:
+    """Each speaker's mean log-mel frame, gathered clip by clip. Subtracting it (`--speaker-norm`) lets a
+    model hear how a clip departs from its speaker's usual voice: a low, quiet voice's neutral speech
+    otherwise sounds like a brighter voice's sadness. A baseline should span several clips and emotions.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._frames: dict[str, int] = {}
+
+    def add(self, speaker: str, features: torch.Tensor) -> None:
+        self._sums[speaker] = self._sums.get(speaker, 0) + features.sum(0, dtype=torch.float64)
+        self._frames[speaker] = self._frames.get(speaker, 0) + len(features)
+
+    def frames(self, speaker: str) -> int:
+        """How many frames the speaker's baseline rests on (0: none yet)."""
+        return self._frames.get(speaker, 0)
+
+    def normalize(self, speaker: str, features: torch.Tensor) -> torch.Tensor:
+        if not self.frames(speaker):
+            raise KeyError(f"no baseline for speaker {speaker!r}")
+        return features - (self._sums[speaker] / self._frames[speaker]).to(features.dtype)
+
+    @classmethod
+    def of(cls, speakers: Sequence[str], features: Sequence[torch.Tensor]) -> SpeakerBaselines:
+        baselines = cls()
+        for speaker, clip in zip(speakers, features, strict=True):
+            baselines.add(speaker, clip)
+        return baselines
 
 
 class LogMelClips(Dataset):
