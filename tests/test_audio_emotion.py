@@ -368,7 +368,6 @@ def test_predict_refuses_a_checkpoint_of_another_kind(tmp_path):
     (["ONECLASS", "--out", "RUN", "--n-mels", "128"], "--n-mels"),
     (["ONECLASS", "--out", "RUN", "--ffn", "mlp"], "--ffn"),
     (["ONECLASS", "--out", "RUN", "--steps", "0"], "steps"),
-    (["ONECLASS", "--out", "RUN", "--speaker-norm", "--fusion", "gated"], "--speaker-norm"),
 ])
 def test_train_usage_errors(tmp_path, args, contains):
     (tmp_path / "EMPTY").mkdir()

@@ -123,12 +123,13 @@ def test_train_and_predict_with_transcripts_end_to_end(tmp_path):
     orphan = data / "train" / "sad" / "en+m1_s00.txt"
     orphan.unlink()
     trained = run_cli("audio-emotion", "train", data / "train", "--heldout", data / "heldout", "--out", run,
-                      "--fusion", "gated", "--steps", "6", "--dim", "32", "--depth", "1", "--batch-size", "8",
+                      "--fusion", "gated", "--speaker-norm", "--steps", "6", "--dim", "32", "--depth", "1", "--batch-size", "8",
                       "--json", "--device", "cpu")  # not -q: it would silence the warning
     assert trained.returncode == 0, trained.stderr
     assert [line for line in trained.stderr.splitlines() if "en+m1_s00" in line][0].startswith("warning:")
     report = json.loads(trained.stdout)
-    assert report["fusion"] == "gated" and report["train_clips"] == 15 and report["heldout_clips"] == 4
+    assert report["fusion"] == "gated" and report["speaker_norm"]
+    assert report["train_clips"] == 15 and report["heldout_clips"] == 4
     assert 0 <= report["accuracy"] <= 1 and report["gate_audio"] + report["gate_text"] == pytest.approx(1, abs=1e-3)
     for name in ("model.safetensors", "train_state.pt", "metrics.jsonl", "confusion.png", "curves.png"):
         assert (run / name).stat().st_size > 0, name
@@ -144,7 +145,7 @@ def test_train_and_predict_with_transcripts_end_to_end(tmp_path):
     for r in records:
         assert r["label"] in report["classes"] and r["fusion"] == "gated"
         assert abs(sum(r["probabilities"].values()) - 1) < 1e-3
-    # the trainer's held-out accuracy, recomputed from predict's labels
+    # the trainer's held-out accuracy, recomputed from predict's labels (with the same speaker baselines)
     right = sum(Path(r["file"]).parent.name == r["label"] for r in records)
     assert right / len(records) == pytest.approx(report["accuracy"])
 

@@ -218,8 +218,6 @@ def train(
         raise UsageError(f"ffn must be one of {', '.join(FFN_KINDS)}, got {ffn!r}", "--ffn")
     if not crop_seconds > 0.5:
         raise UsageError(f"crop-seconds must be above 0.5, got {crop_seconds}", "--crop-seconds")
-    if speaker_norm and fusion != "none":
-        raise UsageError("--speaker-norm is not available with --fusion", "--speaker-norm")
     torch_device = select_device(device)
     if fusion != "none":  # audio + transcript, in cli/audio_fusion.py
         from dsfuse.cli.audio_fusion import train_fused
@@ -227,7 +225,7 @@ def train(
         return train_fused(data, out, fusion=fusion, labels=labels, split_by=split_by, heldout=heldout,
                            heldout_fraction=heldout_fraction, steps=steps, batch_size=batch_size, lr=lr, dim=dim,
                            depth=depth, ffn=ffn, n_mels=n_mels, crop_seconds=crop_seconds, eval_every=eval_every,
-                           resume=resume, device=torch_device, seed=seed, json=json, quiet=quiet, force=force)
+                           speaker_norm=speaker_norm, resume=resume, device=torch_device, seed=seed, json=json, quiet=quiet, force=force)
     train_cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(50, steps // 10),
                             eval_every=eval_every, seed=seed, quiet=quiet)
     train_clips, heldout_clips = split_for_training(data, labels, split_by, heldout, heldout_fraction, seed)
@@ -389,8 +387,8 @@ def predict(
     torch_device = select_device(device)
     seed_everything(seed)
     if is_fused_checkpoint(checkpoint):  # trained with --fusion: audio + transcript
-        return predict_fused(expand_inputs(files, AUDIO_SUFFIXES), checkpoint, segment=segment, device=torch_device,
-                             json=json, quiet=quiet)
+        return predict_fused(expand_inputs(files, AUDIO_SUFFIXES), checkpoint, segment=segment,
+                             speaker_by=speaker_by, device=torch_device, json=json, quiet=quiet)
     model, classes, meta = load_classifier(checkpoint, torch_device)
     mel = LogMel(MelConfig(n_mels=model.config.n_mels))
     paths = expand_inputs(files, AUDIO_SUFFIXES)

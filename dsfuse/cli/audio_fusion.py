@@ -70,14 +70,15 @@ def classify_fused(model: AudioTextClassifier, features: Sequence[torch.Tensor],
 
 def train_fused(data: Path, out: Path, *, fusion: str, labels: str, split_by: str, heldout: Path | None,
                 heldout_fraction: float, steps: int, batch_size: int, lr: float, dim: int, depth: int, ffn: str,
-                n_mels: int, crop_seconds: float, eval_every: int, resume: bool, device: torch.device, seed: int,
+                n_mels: int, crop_seconds: float, eval_every: int, speaker_norm: bool, resume: bool, device: torch.device, seed: int,
                 json: bool, quiet: bool, force: bool) -> None:
     """Train an audio-text model on the clips that have a transcript beside them; report held-out scores."""
     import torch
     import torch.nn.functional as F
 
     from dsfuse.checkpoint import MODEL_FILE, read_metadata
-    from dsfuse.cli.audio_emotion import evaluate_predictions, load_clip_features, split_for_training
+    from dsfuse.cli.audio_emotion import (evaluate_predictions, load_clip_features, normalize_clips,
+                                          split_for_training)
     from dsfuse.data.audio import LogMel, MelConfig
     from dsfuse.data.emotion_speech import LogMelClips
     from dsfuse.data.transcripts import TranscribedClips, collate_transcribed
@@ -111,6 +112,9 @@ def train_fused(data: Path, out: Path, *, fusion: str, labels: str, split_by: st
                                                          quiet, "features (held-out)")
     if not heldout_clips:
         raise UsageError("no usable held-out clips with transcripts", heldout or data)
+    if speaker_norm:  # as audio-emotion train does
+        train_features = normalize_clips(train_clips, train_features, quiet)
+        heldout_features = normalize_clips(heldout_clips, heldout_features, quiet)
     class_index = {c: i for i, c in enumerate(classes)}
     heldout_true = torch.tensor([class_index[c.label] for c in heldout_clips])
 
@@ -155,11 +159,13 @@ def train_fused(data: Path, out: Path, *, fusion: str, labels: str, split_by: st
                                                       warmup_steps=min(50, steps // 10), eval_every=eval_every,
                                                       seed=seed, quiet=quiet),
                  run_dir, kind=FUSED_KIND, config=config, device=device, resume=resume, evaluate=evaluate,
-                 collate_fn=collate_transcribed, extra_meta={"classes": classes, "labels": labels})
+                 collate_fn=collate_transcribed,
+                 extra_meta={"classes": classes, "labels": labels, "speaker_norm": speaker_norm})
     plot_curves(read_metrics(run_dir), ["loss", "train_acc", "accuracy", "macro_f1"], run_dir / "curves.png",
                 title=f"audio-emotion + transcript, {fusion} fusion", log_keys=("loss",))
     summary = {"fusion": fusion, "classes": classes, "train_clips": len(train_clips),
-               "heldout_clips": len(heldout_clips), "split": "heldout folder" if heldout else split_by, **report}
+               "heldout_clips": len(heldout_clips), "split": "heldout folder" if heldout else split_by,
+               "speaker_norm": speaker_norm, **report}
     if not json and report:
         print_table(f"audio-emotion + transcript ({fusion}) held-out F1 ({len(heldout_clips)} clips)",
                     ["class", "F1", "clips"],
@@ -168,13 +174,13 @@ def train_fused(data: Path, out: Path, *, fusion: str, labels: str, split_by: st
     report_training(result, summary, json)
 
 
-def predict_fused(paths: list[Path], checkpoint: Path, *, segment: float | None, device: torch.device, json: bool,
-                  quiet: bool) -> None:
+def predict_fused(paths: list[Path], checkpoint: Path, *, segment: float | None, speaker_by: str | None,
+                  device: torch.device, json: bool, quiet: bool) -> None:
     """Label each file from its audio and the transcript beside it; a missing transcript fails that file."""
     import torch
 
     from dsfuse.checkpoint import load_checkpoint
-    from dsfuse.cli.audio_emotion import WHOLE_FILE_WINDOW_FRAMES
+    from dsfuse.cli.audio_emotion import WHOLE_FILE_WINDOW_FRAMES, speaker_normalizer
     from dsfuse.data.audio import LogMel, MelConfig, is_silent, load_audio, trim_silence
     from dsfuse.data.transcripts import read_transcript
     from dsfuse.models.audio_text import encode_text
@@ -183,19 +189,23 @@ def predict_fused(paths: list[Path], checkpoint: Path, *, segment: float | None,
         raise UsageError("--segment needs an audio-only checkpoint: a transcript covers the whole file",
                          "--segment")
     model, meta = load_checkpoint(checkpoint, kind=FUSED_KIND, device=device)
-    cfg = model.config
-    classes = (meta.get("extra") or {}).get("classes")
+    cfg, extra = model.config, meta.get("extra") or {}
+    classes = extra.get("classes")
     if not classes or len(classes) != cfg.num_classes:
         raise UsageError("checkpoint has no class names for its outputs", checkpoint)
     mel = LogMel(MelConfig(n_mels=cfg.audio.n_mels))
+    normalizer = speaker_normalizer(paths, extra, speaker_by, mel, quiet)
 
     def classify_file(path: Path) -> dict[str, Any]:
         text = encode_text(read_transcript(path), cfg.text.max_bytes)  # first: no transcript, no decoding
         wave = load_audio(path, mel.cfg.sample_rate)
         if is_silent(wave):
             raise InputError("audio is silent: nothing to classify", path)
+        features, normalize = mel(trim_silence(wave, mel.cfg.sample_rate)), normalizer(path)
+        if normalize is not None:
+            features = normalize(features)
         # Long files: 30 s windows, each with the whole transcript, averaged by length.
-        windows = list(mel(trim_silence(wave, mel.cfg.sample_rate)).split(WHOLE_FILE_WINDOW_FRAMES))
+        windows = list(features.split(WHOLE_FILE_WINDOW_FRAMES))
         weights = torch.tensor([len(w) for w in windows], dtype=torch.float32)
         window_probs, gates = classify_fused(model, windows, [text] * len(windows), device)
         probs = (window_probs * weights[:, None]).sum(0) / weights.sum()
