@@ -32,7 +32,7 @@ app = typer.Typer(help="Speech emotion: train on labelled clips, predict labels 
 MIN_SEGMENT_SECONDS, MAX_SEGMENT_SECONDS = 0.1, 60.0
 WHOLE_FILE_WINDOW_FRAMES = 3000  # 30 s of 10 ms log-mel frames
 SPEAKER_GROUPS = ("name", "file", "all")
-MIN_BASELINE_FRAMES = 2000  # 20 s of speech; less makes a poor speaker baseline (a held-out voice has ~40 s)
+MIN_BASELINE_FRAMES = 600  # 6 s: one clip (2-4 s) makes a poor speaker baseline, four of mixed emotion a good one
 
 
 # --------------------------------------------------------------------------- shared pieces
