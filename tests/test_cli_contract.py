@@ -63,3 +63,26 @@ def test_demo_refuses_non_empty_out_without_force(tmp_path):
     (tmp_path / "keep.txt").write_text("x")
     assert_one_line_error(run_cli("demo", "--out", tmp_path), 2, "--force")
     assert (tmp_path / "keep.txt").exists()
+
+
+def test_per_file_table_still_shows_the_successes_when_some_inputs_fail(tmp_path, capsys):
+    import typer
+
+    from dsfuse.cli.common import tabulate_each_input
+    from dsfuse.errors import InputError
+
+    def process(path):
+        if path.name == "bad.txt":
+            raise InputError("not readable", path)
+        return {"size": path.stat().st_size}
+
+    for name, text in (("a.txt", "abc"), ("bad.txt", ""), ("b.txt", "abcdef")):
+        (tmp_path / name).write_text(text)
+    shown = []
+    with pytest.raises(typer.Exit) as failed:
+        tabulate_each_input([tmp_path / n for n in ("a.txt", "bad.txt", "b.txt", "gone.txt")], process,
+                            lambda path, result: [(path.name, result["size"])], shown.extend, as_json=False,
+                            quiet=True)
+    assert failed.value.exit_code == 1 and shown == [("a.txt", 3), ("b.txt", 6)]
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and "not readable" in errors[0] and "not found" in errors[1]

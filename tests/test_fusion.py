@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsfuse.nn.fusion import (STRATEGIES, CrossAttentionBlock, FusionConfig, LateFusion, ModalityFusion,
+from dsfuse.nn.fusion import (STRATEGIES, CrossAttentionBlock, FusionConfig, ModalityFusion,
                               masked_mean)
 
 DIMS = (12, 20)

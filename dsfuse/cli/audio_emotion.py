@@ -14,7 +14,7 @@ import typer
 
 from dsfuse.cli.common import (CheckpointOpt, DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, SeedOpt,
                                command, console, emit_json, expand_inputs, for_each_input, print_table,
-                               report_training, warn)
+                               report_training, tabulate_each_input, warn)
 from dsfuse.errors import InputError, UsageError
 
 if TYPE_CHECKING:
@@ -395,13 +395,11 @@ def predict(
     normalizer = speaker_normalizer(paths, meta, speaker_by, mel, quiet)
 
     if segment is None:
-        results = list(for_each_input(paths, lambda p: predict_file(p, model, classes, mel, torch_device,
-                                                                    normalizer(p)),
-                                      as_json=json, quiet=quiet))
-        if not json:
-            print_table("audio-emotion", ["file", "label", "score", "seconds"],
-                        [(p, r["label"], r["score"], r["duration"]) for p, r in results])
-        return
+        return tabulate_each_input(
+            paths, lambda p: predict_file(p, model, classes, mel, torch_device, normalizer(p)),
+            lambda p, r: [(p, r["label"], r["score"], r["duration"])],
+            lambda rows: print_table("audio-emotion", ["file", "label", "score", "seconds"], rows),
+            as_json=json, quiet=quiet)
 
     def stream_file(path: Path) -> dict[str, Any]:
         segments = 0

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsfuse.cli.common import for_each_input, print_table, report_training, warn
+from dsfuse.cli.common import print_table, report_training, tabulate_each_input, warn
 from dsfuse.cli.video_fusion import check_fusion
 from dsfuse.errors import InputError, UsageError
 
@@ -217,14 +217,10 @@ def predict_fused(paths: list[Path], checkpoint: Path, *, segment: float | None,
             record["gate_text"] = round(float(gates[:, 1].mean()), 4)
         return record
 
-    rows = []
-    try:
-        for path, r in for_each_input(paths, classify_file, as_json=json, quiet=quiet):
-            rows.append((str(path), r["label"], r["score"], r["duration"]))
-    finally:
-        if rows and not json:
-            print_table(f"audio-emotion ({cfg.fusion} fusion with the transcript)", ["file", "label", "score",
-                                                                                    "seconds"], rows)
+    tabulate_each_input(paths, classify_file, lambda p, r: [(p, r["label"], r["score"], r["duration"])],
+                        lambda rows: print_table(f"audio-emotion ({cfg.fusion} fusion with the transcript)",
+                                                 ["file", "label", "score", "seconds"], rows),
+                        as_json=json, quiet=quiet)
 
 
 def register(app) -> None:

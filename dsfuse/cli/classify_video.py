@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from dsfuse.cli.common import (DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, SeedOpt,
-                               command, console, emit_json, expand_inputs, for_each_input, print_table,
-                               report_training)
+                               command, console, emit_json, expand_inputs, print_table, report_training,
+                               tabulate_each_input)
 from dsfuse.errors import UsageError
 
 if TYPE_CHECKING:
@@ -230,14 +230,19 @@ def predict(
     def classify(path: Path) -> dict[str, Any]:
         return {"top": top_labels(video_probabilities(model, path, clips, torch_device), classes, top_k)}
 
-    rows = []
-    try:
-        for path, result in for_each_input(paths, classify, as_json=json, quiet=quiet, desc="videos"):
-            rows.append((str(path), *(f"{t['label']} {t['score']:.3f}" for t in result["top"][:3])))
-    finally:
-        if rows and not json:
-            shown = max(len(r) for r in rows) - 1
-            print_table("classify-video predict", ["file"] + [f"top {i + 1}" for i in range(shown)], rows)
+    tabulate_top_labels(paths, classify, "classify-video predict", json=json, quiet=quiet)
+
+
+def tabulate_top_labels(paths: list[Path], classify, title: str, *, json: bool, quiet: bool) -> None:
+    """Classify each video ({"top": [{"label", "score"}, ...]}); a table of the top 3 unless --json."""
+
+    def show(rows: list[tuple]) -> None:
+        shown = max(len(r) for r in rows) - 1
+        print_table(title, ["file"] + [f"top {i + 1}" for i in range(shown)], rows)
+
+    tabulate_each_input(paths, classify,
+                        lambda path, result: [(path, *(f"{t['label']} {t['score']:.3f}" for t in result["top"][:3]))],
+                        show, as_json=json, quiet=quiet, desc="videos")
 
 
 # --------------------------------------------------------------------------- make-dataset

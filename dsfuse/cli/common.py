@@ -163,6 +163,20 @@ def for_each_input(paths: list[Path], process: Callable[[Path], dict[str, Any]],
         raise typer.Exit(1)
 
 
+def tabulate_each_input(paths: list[Path], process: Callable[[Path], dict[str, Any]],
+                        to_rows: Callable[[Path, dict[str, Any]], Iterable[Any]], show: Callable[[list[Any]], None],
+                        *, as_json: bool, quiet: bool = False, desc: str = "files") -> None:
+    """`for_each_input`, gathering table rows from the successes: `show(rows)` prints them (not under
+    --json) even when some inputs failed, before the exit 1 that follows."""
+    rows: list[Any] = []
+    try:
+        for path, result in for_each_input(paths, process, as_json=as_json, quiet=quiet, desc=desc):
+            rows.extend(to_rows(path, result))
+    finally:
+        if rows and not as_json:
+            show(rows)
+
+
 def report_training(result: Any, summary: dict[str, Any], as_json: bool) -> None:
     """Print a trainer's outcome (JSON or a table); an interrupted run says how to resume and exits 130."""
     record = {"run_dir": str(result.run_dir), "step": result.step, "interrupted": result.interrupted,

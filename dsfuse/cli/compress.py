@@ -15,8 +15,8 @@ import typer
 from typer.core import TyperGroup
 
 from dsfuse.cli.common import (DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, SeedOpt, command,
-                               console, emit_json, expand_inputs, for_each_input, print_table,
-                               report_training, warn)
+                               console, emit_json, expand_inputs, print_table, report_training,
+                               tabulate_each_input, warn)
 from dsfuse.errors import UsageError
 
 if TYPE_CHECKING:
@@ -308,7 +308,6 @@ def compress_tokens(
         return compare_methods(paths, models, fixed_grid, torch_device, tome_r, queries, seed, json, quiet, out)
 
     many = len(paths) > 1
-    rows = []
 
     def process(path: Path) -> dict[str, Any]:
         sources = load_sources(path, models, fixed_grid, torch_device)
@@ -317,14 +316,15 @@ def compress_tokens(
                                 output_path(out, s, path, method, ratio, several), force) for s in sources]
         return results[0] if len(results) == 1 else {"items": results}
 
-    for _, result in for_each_input(paths, process, as_json=json, quiet=quiet, desc="compress"):
-        rows += result.get("items", [result])
-    if not json:
+    def show(rows: list[dict[str, Any]]) -> None:
         print_table(f"compress-tokens: {method} x{ratio:g}", ["input", "tokens in", "out", "ratio", "ms", "fidelity",
                                                                "written"],
                     [(r["item"], r["tokens_in"], r["tokens_out"], r["achieved_ratio"], r["ms"],
                       f"{r['fidelity']:.4g} {'dB' if r['fidelity_metric'] == 'psnr_db' else 'cos'}", r["out"])
                      for r in rows])
+
+    tabulate_each_input(paths, process, lambda _, result: result.get("items", [result]), show, as_json=json,
+                        quiet=quiet, desc="compress")
 
 
 # --------------------------------------------------------------------------- --compare

@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from dsfuse.cli.common import emit_json, for_each_input, print_table, report_training, warn
+from dsfuse.cli.common import emit_json, print_table, report_training, warn
 from dsfuse.errors import UsageError
 
 # the strategies of dsfuse.nn.fusion, spelled out so importing this module at startup needs no torch
@@ -163,6 +163,7 @@ def predict_fused(paths: list[Path], checkpoint: Path, *, top_k: int, clips: int
     import torch
 
     from dsfuse.checkpoint import load_checkpoint
+    from dsfuse.cli.classify_video import tabulate_top_labels
     from dsfuse.data.audio import LogMel, MelConfig
     from dsfuse.data.av_video import soundtrack_mel
     from dsfuse.data.video import read_clips
@@ -182,15 +183,8 @@ def predict_fused(paths: list[Path], checkpoint: Path, *, top_k: int, clips: int
         return {"fusion": cfg.fusion,
                 "top": [{"label": classes[i], "score": round(float(s), 4)} for s, i in zip(scores, indices.tolist())]}
 
-    rows = []
-    try:
-        for path, result in for_each_input(paths, classify, as_json=json, quiet=quiet, desc="videos"):
-            rows.append((str(path), *(f"{t['label']} {t['score']:.3f}" for t in result["top"][:3])))
-    finally:
-        if rows and not json:
-            shown = max(len(r) for r in rows) - 1
-            print_table(f"classify-video predict ({cfg.fusion} fusion with the soundtrack)",
-                        ["file"] + [f"top {i + 1}" for i in range(shown)], rows)
+    tabulate_top_labels(paths, classify, f"classify-video predict ({cfg.fusion} fusion with the soundtrack)",
+                        json=json, quiet=quiet)
 
 
 def register(app) -> None:

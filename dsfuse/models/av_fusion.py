@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from dsfuse.nn.fusion import FusionConfig, ModalityFusion
