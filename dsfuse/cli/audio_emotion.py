@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from dsfuse.data.emotion_speech import LabelledClip, SpeakerBaselines
     from dsfuse.models.audio import AudioEmotionClassifier
 
-    Normalize = Callable[[torch.Tensor], torch.Tensor] | None  # features -> speaker-normalised features
+    Normalize = Callable[[torch.Tensor], torch.Tensor]  # features -> speaker-normalised features
 
 app = typer.Typer(help="Speech emotion: train on labelled clips, predict labels or timelines, make a synthetic set.",
                   no_args_is_help=True)
@@ -113,9 +113,9 @@ def load_classifier(checkpoint: Path, device: torch.device) -> tuple[AudioEmotio
 
 # --------------------------------------------------------------------------- speaker baselines
 
-def warn_thin_baselines(baselines: SpeakerBaselines, speakers: Sequence[str], quiet: bool) -> None:
+def warn_thin_baselines(baselines: SpeakerBaselines, quiet: bool) -> None:
     """One warning naming the speakers whose baseline rests on too little speech to be trusted."""
-    thin = sorted({s for s in speakers if 0 < baselines.frames(s) < MIN_BASELINE_FRAMES})
+    thin = [s for s in baselines.speakers if baselines.frames(s) < MIN_BASELINE_FRAMES]
     if thin:
         warn(f"speaker baseline from under {MIN_BASELINE_FRAMES // 100} s of speech for {len(thin)} speaker(s) "
              f"({', '.join(thin[:3])}{', ...' if len(thin) > 3 else ''}): give several clips of mixed emotion "
@@ -129,7 +129,7 @@ def normalize_clips(clips: Sequence[LabelledClip], features: Sequence[torch.Tens
 
     speakers = [c.speaker for c in clips]
     baselines = SpeakerBaselines.of(speakers, features)
-    warn_thin_baselines(baselines, speakers, quiet)
+    warn_thin_baselines(baselines, quiet)
     return [baselines.normalize(s, f) for s, f in zip(speakers, features)]
 
 
@@ -151,7 +151,7 @@ def gather_baselines(paths: Sequence[Path], speaker_of_path: Callable[[Path], st
                     baselines.add(speaker_of_path(path), mel(trim_silence(block, mel.cfg.sample_rate)))
         except InputError:
             continue
-    warn_thin_baselines(baselines, [speaker_of_path(p) for p in paths], quiet)
+    warn_thin_baselines(baselines, quiet)
     return baselines
 
 
@@ -290,8 +290,13 @@ def train(
 
 # --------------------------------------------------------------------------- predict
 
+def unchanged(features: torch.Tensor) -> torch.Tensor:
+    """The features as they are: no speaker baseline to subtract."""
+    return features
+
+
 def predict_file(path: Path, model: AudioEmotionClassifier, classes: list[str], mel: LogMel,
-                 device: torch.device, normalize: Normalize = None) -> dict[str, Any]:
+                 device: torch.device, normalize: Normalize = unchanged) -> dict[str, Any]:
     """One label for a whole file: decoded, trimmed of silence, (speaker-normalised,) classified."""
     import torch
 
@@ -300,9 +305,7 @@ def predict_file(path: Path, model: AudioEmotionClassifier, classes: list[str], 
     wave = load_audio(path, mel.cfg.sample_rate)
     if is_silent(wave):
         raise InputError("audio is silent: nothing to classify", path)
-    features = mel(trim_silence(wave, mel.cfg.sample_rate))
-    if normalize is not None:
-        features = normalize(features)
+    features = normalize(mel(trim_silence(wave, mel.cfg.sample_rate)))
     # Long files: classify 30 s windows and average by length, so attention never spans a whole hour.
     windows = list(features.split(WHOLE_FILE_WINDOW_FRAMES))
     weights = torch.tensor([len(w) for w in windows], dtype=torch.float32)
@@ -314,7 +317,7 @@ def predict_file(path: Path, model: AudioEmotionClassifier, classes: list[str], 
 
 
 def predict_timeline(path: Path, segment: float, model: AudioEmotionClassifier, classes: list[str], mel: LogMel,
-                     device: torch.device, normalize: Normalize = None):
+                     device: torch.device, normalize: Normalize = unchanged):
     """Yield one record per `segment` seconds, decoding the file block by block (memory stays flat)."""
     from dsfuse.data.audio import is_silent, stream_audio
 
@@ -325,8 +328,7 @@ def predict_timeline(path: Path, segment: float, model: AudioEmotionClassifier, 
         if is_silent(block):
             record.update(label=None, score=None, silent=True)
         else:
-            features = mel(block)
-            probs = classify(model, [features if normalize is None else normalize(features)], device)[0]
+            probs = classify(model, [normalize(mel(block))], device)[0]
             best = int(probs.argmax())
             record.update(label=classes[best], score=round(float(probs[best]), 4))
         yield record
@@ -343,12 +345,12 @@ def speaker_normalizer(paths: Sequence[Path], meta: dict[str, Any], speaker_by: 
     if not meta.get("speaker_norm"):
         if speaker_by is not None:
             warn("--speaker-by is ignored: the checkpoint was trained without --speaker-norm", quiet)
-        return lambda path: None
+        return lambda path: unchanged
     group = speaker_by or "name"
     scheme = meta.get("labels", "folders")
     key = {"name": lambda path: speaker_of(path, scheme), "file": str, "all": lambda path: ""}[group]
     baselines = gather_baselines(paths, key, mel, quiet)
-    return lambda path: partial(baselines.normalize, key(path)) if baselines.frames(key(path)) else None
+    return lambda path: partial(baselines.normalize, key(path)) if baselines.frames(key(path)) else unchanged
 
 
 @command

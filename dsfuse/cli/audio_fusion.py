@@ -201,9 +201,7 @@ def predict_fused(paths: list[Path], checkpoint: Path, *, segment: float | None,
         wave = load_audio(path, mel.cfg.sample_rate)
         if is_silent(wave):
             raise InputError("audio is silent: nothing to classify", path)
-        features, normalize = mel(trim_silence(wave, mel.cfg.sample_rate)), normalizer(path)
-        if normalize is not None:
-            features = normalize(features)
+        features = normalizer(path)(mel(trim_silence(wave, mel.cfg.sample_rate)))
         # Long files: 30 s windows, each with the whole transcript, averaged by length.
         windows = list(features.split(WHOLE_FILE_WINDOW_FRAMES))
         weights = torch.tensor([len(w) for w in windows], dtype=torch.float32)

@@ -121,6 +121,10 @@ class SpeakerBaselines:
         self._sums[speaker] = self._sums.get(speaker, 0) + features.sum(0, dtype=torch.float64)
         self._frames[speaker] = self._frames.get(speaker, 0) + len(features)
 
+    @property
+    def speakers(self) -> list[str]:
+        return sorted(self._frames)
+
     def frames(self, speaker: str) -> int:
         """How many frames the speaker's baseline rests on (0: none yet)."""
         return self._frames.get(speaker, 0)
