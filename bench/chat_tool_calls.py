@@ -34,7 +34,7 @@ def main() -> None:
     from dsfuse.agent.local import LocalBackend
     from dsfuse.agent.loop import SYSTEM_PROMPT
     from dsfuse.agent.tools import build_tools, parse_arguments, run_tool, validate_arguments
-    from dsfuse.cli.common import print_table
+    from dsfuse.report import print_table
 
     images = sorted(str(p) for p in Path(args.samples).rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
     if not images:

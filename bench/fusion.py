@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dsfuse.cli.common import console, print_table  # noqa: E402
+from dsfuse.report import console, print_table  # noqa: E402
 from dsfuse.data.av_synth import AudioVisualSet  # noqa: E402
 from dsfuse.device import seed_everything, select_device  # noqa: E402
 from dsfuse.engine import TrainConfig, fit  # noqa: E402

@@ -67,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from dsfuse.agent.local import GGUF_NAME, gguf_path
-    from dsfuse.cli.common import console, print_table
+    from dsfuse.report import console, print_table
     from dsfuse.models.gguf import load_gguf_llama
 
     path = gguf_path()

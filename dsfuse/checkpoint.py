@@ -1,5 +1,6 @@
-"""One checkpoint format for every model: a `.safetensors` file of weights plus
-metadata `{"dsfuse": version, "kind": ..., "config": <JSON of the config dataclass>}`.
+"""One checkpoint format for every model: a `.safetensors` file of weights plus metadata, a
+`CheckpointMeta`: the kind, the config dataclass as JSON, and what training recorded beside it
+(class names, the options the run was started with, a pipeline's setup).
 
 Loading rebuilds the model from the config alone. Pickles are never loaded.
 """
@@ -24,14 +25,12 @@ from dsfuse.io import atomic_path
 
 # kind -> "module:Class". The class takes one config dataclass, exposed as `Class.Config`.
 MODEL_KINDS: dict[str, str] = {
-    "toy": "dsfuse.models.toy:ToyRegressor",
     "vqvae": "dsfuse.models.vqvae:VQVAE",
     "llama": "dsfuse.models.llama:Llama",
     "moe": "dsfuse.models.moe:MoEClassifier",
     "video": "dsfuse.models.video:VideoClassifier",
     "audio": "dsfuse.models.audio:AudioEmotionClassifier",
     "compressor": "dsfuse.models.compressor:TokenCompressor",
-    "av-fusion": "dsfuse.models.av_fusion:AVFusionClassifier",
     "av-video": "dsfuse.models.av_video:AudioVisualVideoClassifier",
     "audio-text": "dsfuse.models.audio_text:AudioTextClassifier",
     "unet": "dsfuse.models.unet:UNet",
@@ -58,20 +57,43 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return path
 
 
-def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, kind: str, config: Any,
-                    extra: dict[str, Any] | None = None) -> Path:
-    """Write weights + metadata atomically; `extra` holds JSON-able facts such as class names."""
-    config_json = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
-    metadata = {"dsfuse": __version__, "kind": kind, "config": json.dumps(config_json)}
-    if extra:
-        metadata["extra"] = json.dumps(extra)
+@dataclasses.dataclass(frozen=True)
+class CheckpointMeta:
+    """What a checkpoint records beside its weights."""
+
+    kind: str
+    config: dict[str, Any]  # the model's config dataclass, as JSON
+    classes: tuple[str, ...] = ()  # a classifier's output names, in order
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the trainer's options (what --resume adopts)
+    setup: dict[str, Any] = dataclasses.field(default_factory=dict)  # what a pipeline needs beside the network
+    version: str = __version__
+
+    @classmethod
+    def of(cls, kind: str, config: Any, **fields: Any) -> CheckpointMeta:
+        """The record of a model of `kind` built from the config dataclass `config`."""
+        as_json = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+        return cls(kind, as_json, **fields)
+
+    def class_names(self, where: object) -> list[str]:
+        """The class names, refused with one line when they are missing or do not match the outputs."""
+        outputs = self.config.get("num_classes")
+        if not self.classes or (outputs is not None and len(self.classes) != outputs):
+            raise UsageError("checkpoint has no class names for its outputs", where)
+        return list(self.classes)
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, meta: CheckpointMeta) -> Path:
+    """Write weights + metadata atomically."""
+    metadata = {"dsfuse": meta.version, "kind": meta.kind, "config": json.dumps(meta.config),
+                "classes": json.dumps(list(meta.classes)), "options": json.dumps(meta.options, default=str),
+                "setup": json.dumps(meta.setup)}
     with atomic_path(path) as tmp:
         _save_weights(model, str(tmp), metadata=metadata)
     return Path(path)
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The decoded metadata of a checkpoint, refusing anything that is not a dsfuse safetensors file."""
+def read_metadata(path: str | os.PathLike) -> CheckpointMeta:
+    """The metadata of a checkpoint, refusing anything that is not a dsfuse safetensors file."""
     path = resolve_checkpoint(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -84,32 +106,47 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise UsageError(f"not a readable safetensors file ({str(e).splitlines()[0]})", path) from None
     if "kind" not in raw or "config" not in raw:
         raise UsageError("not a dsfuse checkpoint (no kind/config metadata)", path)
-    return {
-        "dsfuse": raw.get("dsfuse"),
-        "kind": raw["kind"],
-        "config": json.loads(raw["config"]),
-        "extra": json.loads(raw.get("extra", "{}")),
-    }
+    fields = {name: _json_field(raw, name, default, path)
+              for name, default in (("config", {}), ("classes", []), ("options", {}), ("setup", {}))}
+    if not all(isinstance(c, str) for c in fields["classes"]):
+        raise UsageError("checkpoint metadata 'classes' is not a list of names", path)
+    return CheckpointMeta(raw["kind"], fields["config"], tuple(fields["classes"]), fields["options"],
+                          fields["setup"], raw.get("dsfuse", "unknown"))
 
 
-def build_model(kind: str, config: dict[str, Any]) -> torch.nn.Module:
-    """Rebuild a model of `kind` from its config dict alone."""
-    cls = model_class(kind)
+def _json_field(raw: dict[str, str], name: str, default: Any, path: Path) -> Any:
+    try:
+        value = json.loads(raw[name]) if name in raw else default
+    except json.JSONDecodeError:
+        value = None
+    if type(value) is not type(default):
+        raise UsageError(f"checkpoint metadata {name!r} is not a JSON {type(default).__name__}", path)
+    return value
+
+
+def build_model(meta: CheckpointMeta) -> torch.nn.Module:
+    """Rebuild the model a checkpoint's metadata describes, from its config alone."""
+    cls = model_class(meta.kind)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
-    return cls(cls.Config(**{k: v for k, v in config.items() if k in fields}))
+    return cls(cls.Config(**{k: v for k, v in meta.config.items() if k in fields}))
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str | tuple[str, ...] | None = None,
-                    device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+                    device: torch.device | str = "cpu") -> tuple[torch.nn.Module, CheckpointMeta]:
     """Load a model and its metadata; `kind` (one or several) is checked before anything is built."""
     path = resolve_checkpoint(path)
     meta = read_metadata(path)
-    wanted = (kind,) if isinstance(kind, str) else kind
-    if wanted and meta["kind"] not in wanted:
-        raise UsageError(f"checkpoint holds a {meta['kind']!r} model, expected {' or '.join(wanted)}", path)
-    model = build_model(meta["kind"], meta["config"])
+    check_kind(meta, kind, path)
+    model = build_model(meta)
     try:
         _load_weights(model, str(path), strict=True, device=str(device))
     except (SafetensorError, RuntimeError, OSError) as e:
         raise UsageError(f"checkpoint weights do not load ({str(e).splitlines()[0][:200]})", path) from None
     return model.to(device).eval(), meta
+
+
+def check_kind(meta: CheckpointMeta, kind: str | tuple[str, ...] | None, where: object) -> None:
+    """Refuse a checkpoint of another kind than `kind` (one or several; None: any)."""
+    wanted = (kind,) if isinstance(kind, str) else kind
+    if wanted and meta.kind not in wanted:
+        raise UsageError(f"checkpoint holds a {meta.kind!r} model, expected {' or '.join(wanted)}", where)

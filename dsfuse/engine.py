@@ -6,7 +6,7 @@ exact `--resume`, and data parallelism through DDP under `torchrun`.
 
 A trainer supplies a model, a dataset and a loss function; the engine owns everything else:
 
-    result = fit(model, dataset, loss_fn, TrainConfig(steps=1000), run_dir, kind="vqvae", config=cfg)
+    result = fit(model, dataset, loss_fn, TrainConfig(steps=1000), run_dir, meta=CheckpointMeta.of("vqvae", cfg))
 
 Exact resume: the batch order is a function of (seed, step) and the RNG states are saved, so N steps,
 then `--resume` for N more, gives the same weights as 2N steps at once.
@@ -37,13 +37,11 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
-from dsfuse.checkpoint import MODEL_FILE, save_checkpoint
+from dsfuse.checkpoint import MODEL_FILE, CheckpointMeta, save_checkpoint
 from dsfuse.device import amp_dtype, seed_everything
 from dsfuse.errors import UsageError
 from dsfuse.io import atomic_path
-
-STATE_FILE = "train_state.pt"
-METRICS_FILE = "metrics.jsonl"
+from dsfuse.runs import METRICS_FILE, STATE_FILE
 
 LossOutput = torch.Tensor | tuple[torch.Tensor, Mapping[str, float]]
 LossFn = Callable[[nn.Module, Any], LossOutput]
@@ -57,7 +55,7 @@ class TrainConfig:
     lr: float = 3e-4
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.99)
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # None: a tenth of the run, at most 100 steps
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float | None = 1.0
     grad_accum: int = 1
@@ -77,6 +75,8 @@ class TrainConfig:
                                  f"--{name.replace('_', '-')}")
         if not self.lr > 0:
             raise UsageError(f"learning rate must be positive, got {self.lr}", "--lr")
+        if self.warmup_steps is None:
+            self.warmup_steps = min(100, self.steps // 10)
 
 
 @dataclass
@@ -239,34 +239,16 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def prepare_run_dir(run_dir: str | os.PathLike, resume: bool, force: bool) -> Path:
-    """Create RUN_DIR; refuse to start over an existing run unless `--force`, or to resume nothing."""
-    run_dir = Path(run_dir)
-    has_run = (run_dir / STATE_FILE).exists() or (run_dir / MODEL_FILE).exists()
-    if resume:
-        if not (run_dir / STATE_FILE).exists():
-            raise UsageError(f"nothing to resume: no {STATE_FILE}", run_dir)
-    elif has_run and not force:
-        raise UsageError("run directory already holds a run; pass --resume to continue or --force to start over",
-                         run_dir)
-    elif has_run:
-        for name in (STATE_FILE, MODEL_FILE, METRICS_FILE):
-            (run_dir / name).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
 # --------------------------------------------------------------------------- the loop
 
 class Trainer:
     """Holds the state of one training run; `fit()` below is the usual entry point."""
 
     def __init__(self, model: nn.Module, dataset: Dataset, loss_fn: LossFn, cfg: TrainConfig,
-                 run_dir: Path, *, kind: str, config: Any, device: torch.device,
-                 evaluate: EvalFn | None = None, collate_fn: Callable[[list], Any] | None = None,
-                 extra_meta: dict[str, Any] | None = None):
-        self.cfg, self.run_dir, self.kind, self.model_config = cfg, Path(run_dir), kind, config
-        self.loss_fn, self.evaluate, self.extra_meta = loss_fn, evaluate, extra_meta
+                 run_dir: Path, *, meta: CheckpointMeta, device: torch.device,
+                 evaluate: EvalFn | None = None, collate_fn: Callable[[list], Any] | None = None):
+        self.cfg, self.run_dir, self.meta = cfg, Path(run_dir), meta
+        self.loss_fn, self.evaluate = loss_fn, evaluate
         self.device = distributed_device(device)
         self.dist = init_distributed(self.device)
         if cfg.batch_size * cfg.grad_accum * self.dist.world < 1 or len(dataset) == 0:  # type: ignore[arg-type]
@@ -346,8 +328,7 @@ class Trainer:
             return
         with atomic_path(self.run_dir / STATE_FILE) as tmp:
             torch.save(self.state_dict(), tmp)
-        save_checkpoint(self.run_dir / MODEL_FILE, self.inference_model(), self.kind, self.model_config,
-                        extra=self.extra_meta)
+        save_checkpoint(self.run_dir / MODEL_FILE, self.inference_model(), self.meta)
 
     # ---- metrics
     def _rewrite_metrics(self, records: Sequence[Mapping[str, Any]]) -> None:
@@ -419,7 +400,7 @@ class Trainer:
                             # Its own generator: creating the iterator must not draw from the global RNG,
                             # or a resumed run would diverge from an uninterrupted one.
                             generator=torch.Generator().manual_seed(cfg.seed + start))
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {self.kind}", unit="step", dynamic_ncols=True,
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {self.meta.kind}", unit="step", dynamic_ncols=True,
                    disable=cfg.quiet or not self.dist.is_main, leave=False)
         t0, window_t, window_n = time.perf_counter(), time.perf_counter(), 0
         metrics: dict[str, float] = {}
@@ -456,9 +437,10 @@ class Trainer:
 
 
 def fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, cfg: TrainConfig, run_dir: str | os.PathLike, *,
-        kind: str, config: Any, device: torch.device, resume: bool = False, evaluate: EvalFn | None = None,
-        collate_fn: Callable[[list], Any] | None = None, extra_meta: dict[str, Any] | None = None) -> TrainResult:
-    """Train `model` on `dataset` with `loss_fn(model, batch) -> loss | (loss, {name: value})`."""
-    trainer = Trainer(model, dataset, loss_fn, cfg, Path(run_dir), kind=kind, config=config, device=device,
-                      evaluate=evaluate, collate_fn=collate_fn, extra_meta=extra_meta)
+        meta: CheckpointMeta, device: torch.device, resume: bool = False, evaluate: EvalFn | None = None,
+        collate_fn: Callable[[list], Any] | None = None) -> TrainResult:
+    """Train `model` on `dataset` with `loss_fn(model, batch) -> loss | (loss, {name: value})`; `meta` is
+    what model.safetensors records beside the weights."""
+    trainer = Trainer(model, dataset, loss_fn, cfg, Path(run_dir), meta=meta, device=device,
+                      evaluate=evaluate, collate_fn=collate_fn)
     return trainer.fit(resume=resume)

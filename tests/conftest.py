@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -33,8 +31,3 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, contains
     assert errors, proc.stderr
     assert contains.lower() in errors[-1].lower(), errors[-1]
     return errors[-1]
-
-
-@pytest.fixture
-def cli():
-    return run_cli

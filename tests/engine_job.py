@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from dsfuse.device import seed_everything
+from dsfuse.checkpoint import CheckpointMeta
 from dsfuse.engine import TrainConfig, Trainer
-from dsfuse.models.toy import ToyConfig, ToyRegressor
+from toy_model import ToyConfig, ToyRegressor
 
 
 def toy_data(n: int = 64) -> TensorDataset:
@@ -30,7 +31,7 @@ def make_trainer(run_dir: Path, dropout: float = 0.1, **overrides) -> Trainer:
     config = ToyConfig(dropout=dropout)
     cfg = TrainConfig(**{"steps": 12, "batch_size": 8, "lr": 1e-2, "warmup_steps": 3, "log_every": 1,
                          "quiet": True, **overrides})
-    return Trainer(ToyRegressor(config), toy_data(), mse, cfg, run_dir, kind="toy", config=config,
+    return Trainer(ToyRegressor(config), toy_data(), mse, cfg, run_dir, meta=CheckpointMeta.of("toy", config),
                    device=torch.device("cpu"))
 
 

@@ -350,10 +350,10 @@ def test_predict_usage_errors(trained, args, contains):
 
 
 def test_predict_refuses_a_checkpoint_of_another_kind(tmp_path):
-    from dsfuse.checkpoint import save_checkpoint
-    from dsfuse.models.toy import ToyConfig, ToyRegressor
+    from dsfuse.checkpoint import CheckpointMeta, save_checkpoint
+    from toy_model import ToyConfig, ToyRegressor
 
-    save_checkpoint(tmp_path / "toy.safetensors", ToyRegressor(ToyConfig()), "toy", ToyConfig())
+    save_checkpoint(tmp_path / "toy.safetensors", ToyRegressor(ToyConfig()), CheckpointMeta.of("toy", ToyConfig()))
     sf.write(tmp_path / "a.wav", tone(0.5, SAMPLE_RATE), SAMPLE_RATE)
     proc = run_cli("audio-emotion", "predict", tmp_path / "a.wav", "--checkpoint", tmp_path / "toy.safetensors")
     assert_one_line_error(proc, 2, "expected audio")

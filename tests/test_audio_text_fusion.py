@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsfuse.checkpoint import load_checkpoint, save_checkpoint
+from dsfuse.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from dsfuse.data.emotion_speech import LogMelClips
 from dsfuse.data.transcripts import TranscribedClips, collate_transcribed, read_transcript, transcript_path
 from dsfuse.errors import InputError
@@ -74,9 +74,9 @@ def test_the_transcript_changes_the_prediction():
 
 def test_checkpoint_round_trip(tmp_path):
     model = tiny_model("bottleneck")
-    save_checkpoint(tmp_path / "m.safetensors", model, "audio-text", model.config, extra={"classes": ["a", "b", "c"]})
+    save_checkpoint(tmp_path / "m.safetensors", model, CheckpointMeta.of("audio-text", model.config, classes=("a", "b", "c")))
     loaded, meta = load_checkpoint(tmp_path / "m.safetensors", kind="audio-text")
-    assert loaded.config == model.config and meta["extra"]["classes"] == ["a", "b", "c"]
+    assert loaded.config == model.config and list(meta.classes) == ["a", "b", "c"]
     batch = batch_of([torch.randn(33, 64)], ["Turn left at the bakery."])
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch["features"], batch["mask"], batch["text"], batch["text_mask"]),

@@ -3,22 +3,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsfuse.checkpoint import MODEL_KINDS, load_checkpoint, read_metadata, save_checkpoint
+from dsfuse.checkpoint import CheckpointMeta, MODEL_KINDS, load_checkpoint, read_metadata, save_checkpoint
 from dsfuse.errors import UsageError
-from dsfuse.models.toy import ToyConfig, ToyRegressor
+from toy_model import ToyConfig, ToyRegressor
 
 
 @pytest.fixture
 def saved(tmp_path):
     model = ToyRegressor(ToyConfig(in_features=5, hidden=7))
-    path = save_checkpoint(tmp_path / "model.safetensors", model, "toy", model.config, extra={"classes": ["a"]})
+    path = save_checkpoint(tmp_path / "model.safetensors", model, CheckpointMeta.of("toy", model.config, classes=("a",)))
     return model, path
 
 
 def test_round_trip_rebuilds_from_config_alone(saved):
     model, path = saved
     loaded, meta = load_checkpoint(path, kind="toy")
-    assert meta["kind"] == "toy" and meta["config"]["hidden"] == 7 and meta["extra"] == {"classes": ["a"]}
+    assert meta.kind == "toy" and meta.config["hidden"] == 7 and meta.classes == ("a",)
     x = torch.randn(3, 5)
     assert torch.equal(model.eval()(x), loaded(x))
 
@@ -78,9 +78,32 @@ def test_atomic_write_leaves_old_file_on_failure(saved, monkeypatch):
 
     monkeypatch.setattr("dsfuse.checkpoint._save_weights", boom)
     with pytest.raises(RuntimeError):
-        save_checkpoint(path, model, "toy", model.config)
+        save_checkpoint(path, model, CheckpointMeta.of("toy", model.config))
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == ["model.safetensors"]
+
+
+def test_class_names_are_refused_when_missing_or_not_matching_the_outputs(tmp_path):
+    model = ToyRegressor(ToyConfig())
+    for classes, config in [((), {"num_classes": 2}), (("a", "b", "c"), {"num_classes": 2})]:
+        path = save_checkpoint(tmp_path / "m.safetensors", model, CheckpointMeta("toy", config, classes))
+        with pytest.raises(UsageError, match="no class names for its outputs"):
+            read_metadata(path).class_names(path)
+    save_checkpoint(tmp_path / "m.safetensors", model, CheckpointMeta("toy", {"num_classes": 2}, ("a", "b")))
+    assert read_metadata(tmp_path / "m.safetensors").class_names("x") == ["a", "b"]
+
+
+def test_metadata_of_the_wrong_shape_is_refused_in_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "bad.safetensors"
+    for metadata, name in [({"kind": "toy", "config": "[1]"}, "config"),
+                           ({"kind": "toy", "config": "{}", "classes": "{not json"}, "classes"),
+                           ({"kind": "toy", "config": "{}", "classes": "[1, 2]"}, "classes"),
+                           ({"kind": "toy", "config": "{}", "options": "3"}, "options")]:
+        save_file({"w": torch.zeros(2)}, path, metadata=metadata)
+        with pytest.raises(UsageError, match=f"metadata '?{name}'? is not"):
+            read_metadata(path)
 
 
 def test_every_registered_kind_points_at_a_model_with_a_config():

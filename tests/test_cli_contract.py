@@ -1,4 +1,4 @@
-"""The command-line contract every command follows (DESIGN.md §2)."""
+"""The command-line contract every command follows (README.md, "Conventions")."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from conftest import REPO, assert_one_line_error, json_lines, run_cli
-from dsfuse.checkpoint import load_checkpoint, save_checkpoint
+from dsfuse.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from dsfuse.data.tokens import TokenGrid, write_tokens
 from dsfuse.models.compressor import CompressorConfig, TokenCompressor, compress, expand, run_trial
 from dsfuse.models.vqvae import VQVAE, VQVAEConfig
@@ -34,7 +34,7 @@ def tokenizer_ckpt(tmp_path_factory):
     cfg = VQVAEConfig(image_size=32, downsample=4, codebook_size=64, latent_channels=8, base_channels=8,
                       channel_mult=(1, 2, 2), attention=False)
     path = tmp_path_factory.mktemp("vq") / "model.safetensors"
-    save_checkpoint(path, VQVAE(cfg).eval(), "vqvae", cfg)
+    save_checkpoint(path, VQVAE(cfg).eval(), CheckpointMeta.of("vqvae", cfg))
     return path
 
 
@@ -54,7 +54,7 @@ def test_trainable_compressors_reconstruct_shapes_and_round_trip_through_checkpo
         out = compress(x, (8, 8), method, 4, model)
         assert out.tokens.shape == (2, 16, 8) and torch.allclose(out.sizes, torch.full((2, 16), 4.0))
         assert expand(out, (8, 8), method, 4, model).shape == x.shape
-        save_checkpoint(tmp_path / f"{method}.safetensors", model, "compressor", model.config)
+        save_checkpoint(tmp_path / f"{method}.safetensors", model, CheckpointMeta.of("compressor", model.config))
         loaded, _ = load_checkpoint(tmp_path / f"{method}.safetensors", "compressor")
         assert loaded.config.grid == (8, 8)
         assert torch.allclose(loaded(x), model(x), atol=1e-6)

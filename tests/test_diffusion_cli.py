@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import assert_one_line_error, json_lines, run_cli
-from dsfuse.checkpoint import read_metadata, save_checkpoint
+from dsfuse.checkpoint import CheckpointMeta, read_metadata, save_checkpoint
 from dsfuse.data.synth import shapes_image
 
 pytestmark = pytest.mark.slow
@@ -42,8 +42,8 @@ def test_train_writes_a_samplable_run_with_grids_and_classes(trained):
     _, _, run, record = trained
     assert record["step"] == 6 and record["classes"] == ["discs", "shapes"] and record["images"] == 12
     meta = read_metadata(run)
-    assert meta["kind"] == "unet" and meta["extra"]["classes"] == ["discs", "shapes"]
-    assert meta["extra"]["diffusion"]["schedule"] == "cosine" and meta["config"]["image_size"] == 16
+    assert meta.kind == "unet" and list(meta.classes) == ["discs", "shapes"]
+    assert meta["extra"]["diffusion"]["schedule"] == "cosine" and meta.config["image_size"] == 16
     for name in ("samples_000003.png", "samples_000006.png", "samples.png", "curves.png", "train_state.pt"):
         assert (run / name).is_file(), name
     grid = np.asarray(Image.open(run / "samples.png"))
@@ -97,14 +97,14 @@ def test_latent_mode_trains_on_tokenizer_latents_and_samples_through_its_decoder
     _, data, unet_run, _ = trained
     cfg = VQVAEConfig(image_size=16, downsample=4, codebook_size=16, latent_channels=4, base_channels=16,
                       channel_mult=(1, 2), attention=False)
-    tokenizer = save_checkpoint(tmp_path / "vq.safetensors", VQVAE(cfg), "vqvae", cfg)
+    tokenizer = save_checkpoint(tmp_path / "vq.safetensors", VQVAE(cfg), CheckpointMeta.of("vqvae", cfg))
     run = tmp_path / "latent"
     proc = run_cli("train-ddpm", data, "--out", run, "--tokenizer", tokenizer, "--steps", "3", "--sample-every", "0",
                    "--json", *TINY_UNET)
     assert proc.returncode == 0, proc.stderr
     assert json_lines(proc.stdout)[0]["latent"] is True
     meta = read_metadata(run)
-    assert meta["config"]["in_channels"] == 4 and meta["config"]["image_size"] == 4  # 16 px / 4
+    assert meta.config["in_channels"] == 4 and meta.config["image_size"] == 4  # 16 px / 4
     assert meta["extra"]["diffusion"]["tokenizer"] == "tokenizer.safetensors"
     assert read_metadata(run / "tokenizer.safetensors")["kind"] == "vqvae", "the run keeps its own tokenizer"
     out = tmp_path / "latent-samples"
@@ -147,9 +147,9 @@ def test_sample_bad_input(trained, tmp_path):
 
     import torch
 
-    from dsfuse.models.toy import ToyConfig, ToyRegressor
+    from toy_model import ToyConfig, ToyRegressor
 
-    toy = save_checkpoint(tmp_path / "toy.safetensors", ToyRegressor(ToyConfig()), "toy", ToyConfig())
+    toy = save_checkpoint(tmp_path / "toy.safetensors", ToyRegressor(ToyConfig()), CheckpointMeta.of("toy", ToyConfig()))
     assert_one_line_error(run_cli("sample", "-c", toy, "--out", out), 2, "expected unet")
     pickle = tmp_path / "model.pt"
     torch.save({"w": torch.zeros(1)}, pickle)

@@ -9,7 +9,8 @@ import torch
 
 from conftest import REPO
 from dsfuse.checkpoint import load_checkpoint
-from dsfuse.engine import StepBatchSampler, Distributed, TrainConfig, lr_factor, prepare_run_dir, read_metrics
+from dsfuse.engine import Distributed, StepBatchSampler, TrainConfig, lr_factor, read_metrics
+from dsfuse.runs import prepare_run_dir
 from dsfuse.errors import UsageError
 from engine_job import make_trainer
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, assert_one_line_error, json_lines, run_cli
-from dsfuse.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from dsfuse.checkpoint import MODEL_KINDS, CheckpointMeta, load_checkpoint, read_metadata, save_checkpoint
 from dsfuse.data.av_synth import HIGH_HZ, LOW_HZ, SAMPLE_RATE, AudioVisualSet, audio_visual_pair
 from dsfuse.models.av_fusion import AVFusionClassifier, AVFusionConfig
 
@@ -57,14 +57,15 @@ def test_set_pads_audio_of_different_lengths_with_a_mask():
     assert item["video"].shape == (3, 8, 16, 16) and -1 <= item["video"].min() and item["video"].max() <= 1
 
 
-def test_av_fusion_model_round_trips_through_a_checkpoint(tmp_path):
+def test_av_fusion_model_round_trips_through_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setitem(MODEL_KINDS, "av-fusion", "dsfuse.models.av_fusion:AVFusionClassifier")  # a test's own kind
     data = AudioVisualSet("xor", 4, seed=0)
     model = AVFusionClassifier(AVFusionConfig(fusion="bottleneck", dim=32)).eval()
     logits = model(data.video, data.audio, data.audio_mask)
     assert logits.shape == (4, 2)
-    save_checkpoint(tmp_path / "m.safetensors", model, "av-fusion", model.config)
+    save_checkpoint(tmp_path / "m.safetensors", model, CheckpointMeta.of("av-fusion", model.config))
     loaded, meta = load_checkpoint(tmp_path / "m.safetensors", kind="av-fusion")
-    assert meta["config"]["fusion"] == "bottleneck"
+    assert meta.config["fusion"] == "bottleneck"
     torch.testing.assert_close(loaded(data.video, data.audio, data.audio_mask), logits)
 
 
@@ -76,7 +77,7 @@ def test_audio_visual_video_model_takes_frames_and_soundtrack(tmp_path):
     mel, mask = torch.randn(2, 30, 64), torch.arange(30)[None] < torch.tensor([[30], [12]])
     logits = model(model.preprocess(frames), mel, mask)
     assert logits.shape == (2, 3)
-    save_checkpoint(tmp_path / "av.safetensors", model, "av-video", model.config)
+    save_checkpoint(tmp_path / "av.safetensors", model, CheckpointMeta.of("av-video", model.config))
     loaded, _ = load_checkpoint(tmp_path / "av.safetensors", kind="av-video")  # nested configs rebuild
     torch.testing.assert_close(loaded(loaded.preprocess(frames), mel, mask), logits)
 
@@ -102,7 +103,7 @@ def test_fused_training_writes_a_fused_checkpoint(fused_run):
     assert summary["fusion"] == "gated" and summary["classes"] == ["down", "left", "right", "up"]
     assert 0 <= summary["accuracy"] <= 1 and summary["held_out_videos"] == 4
     meta = read_metadata(run)
-    assert meta["kind"] == "av-video" and meta["config"]["fusion"] == "gated"
+    assert meta.kind == "av-video" and meta.config["fusion"] == "gated"
     assert (run / "confusion.png").stat().st_size > 0 and (run / "curves.png").exists()
 
 

@@ -12,9 +12,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import assert_one_line_error, run_cli
-from dsfuse.checkpoint import save_checkpoint
+from dsfuse.checkpoint import CheckpointMeta, save_checkpoint
 from dsfuse.models.moe import MoEClassifier, MoEModelConfig
-from dsfuse.models.toy import ToyConfig, ToyRegressor
+from toy_model import ToyConfig, ToyRegressor
 from dsfuse.moe_inspect import frequent_pairs, routing_stats
 from dsfuse.nn.moe import MoE, MoEConfig
 
@@ -33,7 +33,7 @@ def inspect(capsys, *args: str) -> subprocess.CompletedProcess:
 def moe_checkpoint(tmp_path):
     torch.manual_seed(0)
     cfg = MoEModelConfig(in_dim=6, dim=16, n_layers=2, n_classes=4, n_experts=4, top_k=2, expert_hidden=8)
-    return save_checkpoint(tmp_path / "moe.safetensors", MoEClassifier(cfg), "moe", cfg)
+    return save_checkpoint(tmp_path / "moe.safetensors", MoEClassifier(cfg), CheckpointMeta.of("moe", cfg))
 
 
 def test_fresh_layer_on_a_tensor_file(capsys, tmp_path):
@@ -94,7 +94,7 @@ def test_bad_inputs_are_one_line_exit_2(capsys, tmp_path, moe_checkpoint):
     assert_one_line_error(inspect(capsys, "--input", tmp_path / "photo.png"), 2, "tensor file")
     (tmp_path / "junk.npy").write_bytes(b"not an array")
     assert_one_line_error(inspect(capsys, "--input", tmp_path / "junk.npy"), 2, "cannot read")
-    toy = save_checkpoint(tmp_path / "toy.safetensors", ToyRegressor(ToyConfig()), "toy", ToyConfig())
+    toy = save_checkpoint(tmp_path / "toy.safetensors", ToyRegressor(ToyConfig()), CheckpointMeta.of("toy", ToyConfig()))
     assert_one_line_error(inspect(capsys, toy), 2, "no MoE layer")
     assert_one_line_error(inspect(capsys, moe_checkpoint, "--experts", "8"), 2, "--experts")
     assert_one_line_error(inspect(capsys, tmp_path / "none.safetensors"), 2, "not found")

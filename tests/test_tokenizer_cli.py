@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, assert_one_line_error, json_lines, run_cli
-from dsfuse.checkpoint import load_checkpoint, save_checkpoint
+from dsfuse.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from dsfuse.data.images import load_image
 from dsfuse.data.tokens import read_tokens
 from dsfuse.models.vqvae import VQVAE, VQVAEConfig
@@ -34,7 +34,7 @@ def checkpoint(tmp_path_factory):
     images = torch.stack([load_image(p, 32) for p in sorted((SAMPLES / "generated").glob("*.png"))])
     model.train()(images)
     path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
-    save_checkpoint(path, model.eval(), "vqvae", model.config)
+    save_checkpoint(path, model.eval(), CheckpointMeta.of("vqvae", model.config))
     return path
 
 
@@ -69,7 +69,7 @@ def test_train_vqvae_end_to_end(tmp_path, messy_folder):
     assert grid.size[1] > 2 * 32  # originals above reconstructions
     assert Image.open(run / "curves.png").size[0] > 100
     model, meta = load_checkpoint(run, kind="vqvae")
-    assert meta["config"]["codebook_size"] == 64 and model.tokenize(torch.zeros(1, 3, 32, 32)).shape == (1, 4, 4)
+    assert meta.config["codebook_size"] == 64 and model.tokenize(torch.zeros(1, 3, 32, 32)).shape == (1, 4, 4)
 
     resumed = cli("train-vqvae", messy_folder, "--out", run, "--steps", "8", "--resume", "--json", "-q")
     assert resumed.returncode == 0, resumed.stderr
@@ -170,7 +170,7 @@ def test_tokenize_unusable_input(tmp_path, checkpoint):
     (tmp_path / "empty").mkdir()
     assert_one_line_error(cli("tokenize-image", tmp_path / "empty", "-c", checkpoint), 2, "no input files")
     toy = tmp_path / "toy.safetensors"
-    save_checkpoint(toy, torch.nn.Linear(8, 1), "toy", {"in_features": 8})
+    save_checkpoint(toy, torch.nn.Linear(8, 1), CheckpointMeta.of("toy", {"in_features": 8}))
     assert_one_line_error(cli("tokenize-image", SAMPLES / "photos", "-c", toy), 2, "expected vqvae")
     pickle = tmp_path / "model.pt"
     torch.save({"w": torch.zeros(1)}, pickle)

@@ -227,7 +227,7 @@ def trained_run(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_train_reaches_accuracy_and_writes_outputs(trained_run):
-    from dsfuse.checkpoint import read_metadata
+    from dsfuse.checkpoint import CheckpointMeta, read_metadata
 
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     accuracy = [r["eval"]["accuracy"] for r in records if "eval" in r][-1]
@@ -235,7 +235,7 @@ def test_train_reaches_accuracy_and_writes_outputs(trained_run):
     for name in ("model.safetensors", "confusion.png", "curves.png", "train_state.pt"):
         assert (trained_run / name).stat().st_size > 0, name
     meta = read_metadata(trained_run)
-    assert meta["kind"] == "video" and meta["extra"]["classes"] == ["down", "left", "right", "up"]
+    assert meta.kind == "video" and list(meta.classes) == ["down", "left", "right", "up"]
 
 
 @pytest.mark.slow
@@ -303,10 +303,10 @@ def test_pretrained_classifier_has_kinetics_categories(tmp_path, monkeypatch):
     (["make-dataset", "OUT", "--per-class", "0"], 2, "--per-class"),
 ])
 def test_bad_input_is_one_line(trained_run, tmp_path, args, code, message):
-    from dsfuse.checkpoint import save_checkpoint
-    from dsfuse.models.toy import ToyConfig, ToyRegressor
+    from dsfuse.checkpoint import CheckpointMeta, save_checkpoint
+    from toy_model import ToyConfig, ToyRegressor
 
-    save_checkpoint(tmp_path / "toy.safetensors", ToyRegressor(ToyConfig()), "toy", ToyConfig())
+    save_checkpoint(tmp_path / "toy.safetensors", ToyRegressor(ToyConfig()), CheckpointMeta.of("toy", ToyConfig()))
     (tmp_path / "empty").mkdir()
     places = {"SAMPLES": SAMPLES, "RUN": trained_run, "TOY": tmp_path / "toy.safetensors", "EMPTY": tmp_path / "empty",
               "MISSING": tmp_path / "missing.mp4", "OUT": tmp_path / "out", "DATA": trained_run.parent / "data"}

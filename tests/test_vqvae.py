@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsfuse.checkpoint import load_checkpoint, save_checkpoint
+from dsfuse.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from dsfuse.errors import UsageError
 from dsfuse.models.vqvae import VQVAE, VQVAEConfig
 
@@ -53,13 +53,13 @@ def test_checkpoint_round_trip_keeps_tokens_and_fingerprint(tmp_path):
     model = tiny("vq")
     model.train()(torch.rand(4, 3, 32, 32) * 2 - 1)  # k-means init: the codebook is now data-made
     model.eval()
-    save_checkpoint(tmp_path / "model.safetensors", model, "vqvae", model.config)
+    save_checkpoint(tmp_path / "model.safetensors", model, CheckpointMeta.of("vqvae", model.config))
     loaded, meta = load_checkpoint(tmp_path, kind="vqvae")
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.equal(loaded.tokenize(x), model.tokenize(x))
-    assert loaded.fingerprint() == model.fingerprint() and meta["config"]["quantizer"] == "vq"
+    assert loaded.fingerprint() == model.fingerprint() and meta.config["quantizer"] == "vq"
     other = tiny("vq")
     assert other.fingerprint() != model.fingerprint()
-    save_checkpoint(tmp_path / "toy.safetensors", torch.nn.Linear(2, 2), "toy", {"in_features": 2})
+    save_checkpoint(tmp_path / "toy.safetensors", torch.nn.Linear(2, 2), CheckpointMeta.of("toy", {"in_features": 2}))
     with pytest.raises(UsageError, match="expected vqvae"):
         load_checkpoint(tmp_path / "toy.safetensors", kind="vqvae")

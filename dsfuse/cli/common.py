@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import glob
 import inspect
-import json
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Iterator
@@ -17,13 +16,9 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from dsfuse.errors import DsfuseError, InputError, UsageError
-
-# Logs, tables and progress go to stderr so stdout stays clean for --json pipelines.
-console = Console(stderr=True, highlight=False)
+from dsfuse.report import console, emit_json, error_line, format_value, print_table, warn  # noqa: F401 (re-exported)
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: the same seed repeats a run on the same device.")]
@@ -33,17 +28,10 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")]
 CheckpointOpt = Annotated[Path, typer.Option("--checkpoint", "-c", help="A model.safetensors file or a run directory.")]
+RunOutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: the next free "
+                                                "runs/<task>/train, train2, ...; with --resume the newest).")]
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def error_line(message: object) -> None:
-    console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-
-
-def warn(message: str, quiet: bool = False) -> None:
-    if not quiet:
-        console.print(f"warning: {message}", markup=False, soft_wrap=True)
 
 
 def command(fn: F) -> F:
@@ -76,35 +64,17 @@ def command(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def emit_json(obj: Any) -> None:
-    """One JSON object on one line of stdout."""
-    sys.stdout.write(json.dumps(obj, default=_json_default) + "\n")
-    sys.stdout.flush()
+def given_options() -> set[str]:
+    """The parameters of the running command given on its command line (not left at their defaults):
+    what `--resume` checks against the run's recorded options."""
+    from typer._click.globals import get_current_context
+    from typer._click.core import ParameterSource
 
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def print_table(title: str, columns: list[str], rows: Iterable[Iterable[Any]]) -> None:
-    table = Table(title=title, title_justify="left")
-    for col in columns:
-        table.add_column(col, overflow="fold")
-    for row in rows:
-        table.add_row(*(format_value(v) for v in row))
-    console.print(table)
-
-
-def format_value(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+    ctx = get_current_context(silent=True)
+    if ctx is None:
+        return set()
+    return {name for name in ctx.params
+            if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
 
 
 def expand_inputs(inputs: Iterable[str | Path], suffixes: Iterable[str] | None = None) -> list[Path]:

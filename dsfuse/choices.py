@@ -1,0 +1,39 @@
+"""Every closed set of choices dsfuse offers, declared once and torch-free.
+
+`nn/`, `models/` and `diffusion/` validate against these; Typer lists and checks them in `--help`
+(an option annotated `Fusion` accepts only its values); the agent's tool schemas carry them as enums.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Fusion = Literal["none", "early", "mid", "late", "gated", "bottleneck", "qformer", "hybrid"]
+Router = Literal["topk", "noisy", "aux-free"]
+Balancing = Literal["aux-loss", "aux-free", "none"]
+Sampler = Literal["ddpm", "ddim", "dpm++"]
+Schedule = Literal["linear", "cosine", "sigmoid"]
+Objective = Literal["eps", "v", "x0"]
+Quantizer = Literal["vq", "fsq"]
+TokenizerPreset = Literal["chameleon"]
+CompressMethod = Literal["pool", "pixel-shuffle", "tome", "resampler"]
+TrainableCompressMethod = Literal["pixel-shuffle", "resampler"]
+Backbone = Literal["small3d", "r3d_18", "mc3_18", "r2plus1d_18", "s3d", "mvit_v2_s", "swin3d_t"]
+PretrainedBackbone = Literal["r3d_18", "mc3_18", "r2plus1d_18", "s3d", "mvit_v2_s", "swin3d_t"]
+FeedForward = Literal["swiglu", "moe"]
+LabelScheme = Literal["folders", "ravdess", "crema-d"]
+SplitBy = Literal["random", "speaker"]
+SpeakerBy = Literal["name", "file", "all"]
+
+
+def values(choice: object) -> tuple[str, ...]:
+    """The values of a choice, in declaration order: `values(Fusion)` -> ("none", "early", ...)."""
+    return get_args(choice)
+
+
+def check(value: str, choice: object, what: str) -> str:
+    """`value` if it is one of `choice`, else ValueError naming the allowed values."""
+    allowed = values(choice)
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
