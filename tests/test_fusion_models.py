@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -69,17 +70,50 @@ def test_av_fusion_model_round_trips_through_a_checkpoint(tmp_path, monkeypatch)
     torch.testing.assert_close(loaded(data.video, data.audio, data.audio_mask), logits)
 
 
-def test_audio_visual_video_model_takes_frames_and_soundtrack(tmp_path):
-    from dsfuse.models.av_video import AudioVisualVideoClassifier, AVVideoConfig
+def test_fused_video_model_takes_frames_and_soundtrack(tmp_path):
+    from dsfuse.models.video import VideoClassifier, VideoConfig
 
-    model = AudioVisualVideoClassifier(AVVideoConfig(fusion="gated", num_classes=3)).eval()
+    model = VideoClassifier(VideoConfig(fusion="gated", num_classes=3)).eval()
     frames = torch.randint(0, 256, (2, 8, 40, 40, 3), dtype=torch.uint8)
     mel, mask = torch.randn(2, 30, 64), torch.arange(30)[None] < torch.tensor([[30], [12]])
     logits = model(model.preprocess(frames), mel, mask)
     assert logits.shape == (2, 3)
-    save_checkpoint(tmp_path / "av.safetensors", model, CheckpointMeta.of("av-video", model.config))
-    loaded, _ = load_checkpoint(tmp_path / "av.safetensors", kind="av-video")  # nested configs rebuild
+    with pytest.raises(ValueError, match="needs the soundtrack"):
+        model(model.preprocess(frames))
+    save_checkpoint(tmp_path / "av.safetensors", model, CheckpointMeta.of("video", model.config))
+    loaded, _ = load_checkpoint(tmp_path / "av.safetensors", kind="video")  # the nested audio config rebuilds
     torch.testing.assert_close(loaded(loaded.preprocess(frames), mel, mask), logits)
+
+
+def test_no_fusion_is_the_plain_classifier_without_audio_or_fusion_modules():
+    from dsfuse.models.video import VideoClassifier, VideoConfig
+
+    model = VideoClassifier(VideoConfig(num_classes=3))
+    assert not hasattr(model, "audio") and not hasattr(model, "fusion") and model.config.audio is None
+    assert sorted({name.split(".")[0] for name, _ in model.named_parameters()}) == ["encoder", "head"]
+
+
+def test_an_old_av_video_checkpoint_loads_as_a_fused_video_model(tmp_path):
+    """`av-video` checkpoints nested the video config and named its weights `video.*`."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from dsfuse.models.video import VideoClassifier, VideoConfig
+    from dsfuse.tasks.video import load_trained
+
+    model = VideoClassifier(VideoConfig(fusion="mid", num_classes=3)).eval()
+    config = dataclasses.asdict(model.config)
+    fusion_only = ("fusion", "audio", "fusion_dim", "fusion_depth", "audio_seconds")
+    old_config = {"video": {k: v for k, v in config.items() if k not in fusion_only},
+                  "num_classes": 3, **{k: config[k] for k in fusion_only}}
+    weights = {f"video.{k}" if k.startswith("encoder.") else k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, tmp_path / "old.safetensors", metadata={"kind": "av-video", "config": json.dumps(old_config),
+                                                               "classes": json.dumps(["a", "b", "c"])})
+    loaded, meta = load_trained(tmp_path / "old.safetensors")
+    assert meta.kind == "video" and meta.class_names("old") == ["a", "b", "c"] and loaded.config.fusion == "mid"
+    frames, mel = torch.randint(0, 256, (1, 8, 40, 40, 3), dtype=torch.uint8), torch.randn(1, 20, 64)
+    torch.testing.assert_close(loaded(loaded.preprocess(frames), mel), model(model.preprocess(frames), mel))
 
 
 # --------------------------------------------------------------------------- classify-video --fusion
@@ -103,7 +137,7 @@ def test_fused_training_writes_a_fused_checkpoint(fused_run):
     assert summary["fusion"] == "gated" and summary["classes"] == ["down", "left", "right", "up"]
     assert 0 <= summary["accuracy"] <= 1 and summary["held_out_videos"] == 4
     meta = read_metadata(run)
-    assert meta.kind == "av-video" and meta.config["fusion"] == "gated"
+    assert meta.kind == "video" and meta.config["fusion"] == "gated" and meta.options["fusion"] == "gated"
     assert (run / "confusion.png").stat().st_size > 0 and (run / "curves.png").exists()
 
 
@@ -132,7 +166,7 @@ def test_fused_training_needs_videos_with_sound(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
-    (["--fusion", "sum"], "unknown fusion 'sum'"),
+    (["--fusion", "sum"], "'sum' is not one of"),
     (["--compare-fusion", "--resume"], "cannot --resume"),
 ])
 def test_bad_fusion_options_are_one_line_usage_errors(fused_run, tmp_path, args, message):
@@ -141,8 +175,29 @@ def test_bad_fusion_options_are_one_line_usage_errors(fused_run, tmp_path, args,
     assert_one_line_error(proc, 2, message)
 
 
-def test_cli_fusion_choices_are_the_strategies():
-    from dsfuse.cli.video_fusion import FUSION_CHOICES
-    from dsfuse.nn.fusion import STRATEGIES
+@pytest.mark.slow
+def test_fused_resume_adopts_the_strategy_and_refuses_another(fused_run, tmp_path):
+    data, run, _ = fused_run
+    shutil.copytree(run, tmp_path / "run")
+    resumed = run_cli("classify-video", "train", data, "--out", tmp_path / "run", "--steps", "5", "--resume",
+                      "--json", "-q")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json_lines(resumed.stdout)[0]["fusion"] == "gated" and json_lines(resumed.stdout)[0]["step"] == 5
+    changed = run_cli("classify-video", "train", data, "--out", tmp_path / "run", "--steps", "6", "--resume",
+                      "--fusion", "mid")
+    assert_one_line_error(changed, 2, "--fusion")
 
-    assert FUSION_CHOICES == ("none", *STRATEGIES)  # spelled out there so `dsfuse --help` needs no torch
+
+@pytest.mark.slow
+def test_compare_fusion_trains_every_strategy_on_one_split(fused_run, tmp_path):
+    from dsfuse import choices
+
+    data, _, _ = fused_run
+    proc = run_cli("classify-video", "train", data, "--out", tmp_path / "cmp", "--compare-fusion", "--steps", "1",
+                   "--batch-size", "4", "--held-out", "0.34", "--json", "-q")
+    assert proc.returncode == 0, proc.stderr
+    report = json_lines(proc.stdout)[0]
+    strategies = [s for s in choices.values(choices.Fusion) if s != "none"]
+    assert [row["fusion"] for row in report["compare_fusion"]] == strategies and report["held_out_videos"] == 4
+    for row in report["compare_fusion"]:
+        assert read_metadata(row["run_dir"]).config["fusion"] == row["fusion"] and row["params"] > 0

@@ -227,7 +227,7 @@ def trained_run(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_train_reaches_accuracy_and_writes_outputs(trained_run):
-    from dsfuse.checkpoint import CheckpointMeta, read_metadata
+    from dsfuse.checkpoint import read_metadata
 
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     accuracy = [r["eval"]["accuracy"] for r in records if "eval" in r][-1]
@@ -275,16 +275,36 @@ def test_predict_pretrained_needs_the_local_hub_file(tmp_path):
 def test_pretrained_classifier_has_kinetics_categories(tmp_path, monkeypatch):
     from torchvision.models import video as tv
 
-    from dsfuse.cli.classify_video import load_classifier
+    from dsfuse.tasks.video import load_classifier
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     path = kinetics_weights_file("mc3_18")
     path.parent.mkdir(parents=True)
     torch.save(tv.mc3_18(weights=None).state_dict(), path)  # random weights under the real file name
-    model, labels = load_classifier(None, "mc3_18", True, torch.device("cpu"))
+    model, labels = load_classifier(None, "mc3_18", torch.device("cpu"))
     assert labels == tv.MC3_18_Weights.KINETICS400_V1.meta["categories"] and model.head.out_features == 400
     with pytest.raises(UsageError, match="--backbone"):
-        load_classifier(None, None, True, torch.device("cpu"))
+        load_classifier(None, None, torch.device("cpu"))
+
+
+def test_backbone_tables_cover_exactly_the_declared_choices():
+    from dsfuse import choices
+    from dsfuse.models.video import TORCHVISION_WEIGHTS
+
+    assert tuple(BACKBONES) == choices.values(choices.Backbone)
+    assert tuple(TORCHVISION_WEIGHTS) == choices.values(choices.PretrainedBackbone)
+    with pytest.raises(ValueError, match="backbone must be one of small3d"):
+        VideoConfig.for_backbone("resnet9000", 3)
+
+
+def test_a_checkpoint_without_class_names_is_refused(tmp_path):
+    from dsfuse.checkpoint import CheckpointMeta, save_checkpoint
+
+    model = VideoClassifier(VideoConfig(num_classes=3))
+    save_checkpoint(tmp_path / "nameless.safetensors", model, CheckpointMeta.of("video", model.config))
+    proc = run_cli("classify-video", "predict", SAMPLES / "up.mp4", "-c", tmp_path / "nameless.safetensors", "-q",
+                   env=ONE_THREAD)
+    assert_one_line_error(proc, 2, "no class names")
 
 
 @pytest.mark.slow
@@ -298,7 +318,7 @@ def test_pretrained_classifier_has_kinetics_categories(tmp_path, monkeypatch):
     (["train", "EMPTY", "--out", "OUT"], 2, "no readable videos"),
     (["train", "SAMPLES", "--out", "OUT"], 2, "one folder per class"),
     (["train", "DATA", "--out", "OUT", "--held-out", "1.5"], 2, "held-out"),
-    (["train", "DATA", "--out", "OUT", "--backbone", "resnet9000"], 2, "unknown backbone"),
+    (["train", "DATA", "--out", "OUT", "--backbone", "resnet9000"], 2, "'resnet9000' is not one of"),
     (["make-dataset", "DATA"], 2, "not empty"),
     (["make-dataset", "OUT", "--per-class", "0"], 2, "--per-class"),
 ])

@@ -23,7 +23,6 @@ COMMAND_MODULES = [  # in the order `--help` lists them and `demo` runs them
     "dsfuse.cli.sample",
     "dsfuse.cli.moe",
     "dsfuse.cli.classify_video",
-    "dsfuse.cli.video_fusion",
     "dsfuse.cli.audio_emotion",
     "dsfuse.cli.audio_fusion",
     "dsfuse.cli.compress",

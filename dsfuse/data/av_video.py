@@ -1,5 +1,5 @@
 """Videos with their soundtracks, for audio-visual classification: a clip plus the log-mel frames of
-the first `audio_seconds` of the video's audio track.
+the first `audio_seconds` of the video's audio track; `collate_clips` batches clips with or without them.
 
 A video without an audio track cannot be fused: training leaves it out (listed in `no_audio`),
 prediction reports it as that file's failure.
@@ -60,11 +60,13 @@ class AudioVisualFolder(Dataset):
         return clip, self.mels[i], label
 
 
-def collate_audio_visual(items: Sequence[tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, torch.Tensor]:
-    """Stack clips, pad log-mels to the longest: {"clips", "mel", "mel_mask" (True = real), "labels"}."""
-    mels = [mel for _, mel, _ in items]
-    padded = torch.nn.utils.rnn.pad_sequence(mels, batch_first=True)
-    lengths = torch.tensor([len(m) for m in mels])
-    return {"clips": torch.stack([clip for clip, _, _ in items]), "mel": padded,
-            "mel_mask": torch.arange(padded.shape[1])[None, :] < lengths[:, None],
-            "labels": torch.tensor([label for _, _, label in items])}
+def collate_clips(items: Sequence[tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
+    """Stack `(clip, label)` items into {"clips", "labels"}; `(clip, log-mel, label)` items add "mel",
+    padded to the longest, and "mel_mask" (True = real)."""
+    batch = {"clips": torch.stack([item[0] for item in items]), "labels": torch.tensor([item[-1] for item in items])}
+    if len(items[0]) == 3:
+        mels = [item[1] for item in items]
+        padded = torch.nn.utils.rnn.pad_sequence(mels, batch_first=True)
+        lengths = torch.tensor([len(m) for m in mels])
+        batch |= {"mel": padded, "mel_mask": torch.arange(padded.shape[1])[None, :] < lengths[:, None]}
+    return batch

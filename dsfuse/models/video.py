@@ -1,13 +1,20 @@
-"""Video classifiers: an encoder (clip -> features [B, D]) plus a linear head.
+"""Video classifiers: an encoder (clip -> features [B, D]) plus a linear head, or, with a fusion
+strategy other than "none", the encoder's tokens fused with the video's soundtrack.
 
 Encoders: a small 3D CNN that trains on a CPU in minutes, and torchvision's r3d_18, mc3_18,
 r2plus1d_18, s3d, mvit_v2_s and swin3d_t, built without weights. Each backbone carries its own
 preprocessing (frames, fps, resize, crop, mean/std). Kinetics-400 weights come only from the local
 torch hub cache (`VideoClassifier.load_kinetics`); nothing is ever downloaded.
+
+The soundtrack (log-mel frames of its first `audio_seconds`) goes through the audio-emotion MLA
+encoder (`models/audio.py`), and an `nn.fusion` strategy classifies from both. The small 3D CNN then
+gives one token per remaining time step (its feature map pooled over space); torchvision backbones
+give one pooled token.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +22,11 @@ import torch
 from einops import rearrange, reduce
 from torch import nn
 
+from dsfuse import choices
+from dsfuse.checkpoint import CheckpointMeta, build_model, read_metadata, resolve_checkpoint
 from dsfuse.errors import UsageError
+from dsfuse.models.audio import AudioConfig, AudioEncoder
+from dsfuse.nn.fusion import FusionConfig, ModalityFusion
 
 
 @dataclass(frozen=True)
@@ -49,9 +60,14 @@ TORCHVISION_WEIGHTS = {  # backbone -> name of its weights enum in torchvision.m
 }
 
 
+def small_audio_config() -> AudioConfig:
+    """A soundtrack encoder sized to train beside a video model on a CPU."""
+    return AudioConfig(dim=64, depth=2, n_heads=4, ffn_hidden=128, conv_channels=16)
+
+
 @dataclass
 class VideoConfig:
-    backbone: str = "small3d"
+    backbone: choices.Backbone = "small3d"
     num_classes: int = 4
     frames: int = 8
     fps: float = 8.0
@@ -61,13 +77,28 @@ class VideoConfig:
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     width: int = 16  # small3d: channels of the first stage, doubled at each of the next three
     dropout: float = 0.2
+    fusion: choices.Fusion = "none"  # how the frames meet the soundtrack; "none": frames alone, no audio encoder
+    audio: AudioConfig | None = None  # the soundtrack's encoder when fused (default: small_audio_config())
+    fusion_dim: int = 64
+    fusion_depth: int = 1
+    audio_seconds: float = 10.0  # how much of the soundtrack, from its start, the model hears
+
+    def __post_init__(self) -> None:
+        choices.check(self.backbone, choices.Backbone, "backbone")
+        choices.check(self.fusion, choices.Fusion, "fusion")
+        if isinstance(self.audio, dict):  # from a checkpoint's JSON
+            self.audio = AudioConfig(**self.audio)
+        if self.fused and self.audio is None:
+            self.audio = small_audio_config()
+
+    @property
+    def fused(self) -> bool:
+        return self.fusion != "none"
 
     @classmethod
     def for_backbone(cls, backbone: str, num_classes: int, **overrides) -> VideoConfig:
-        """A config with `backbone`'s own preprocessing; `overrides` (frames, fps, ...) win when not None."""
-        if backbone not in BACKBONES:
-            raise UsageError(f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)}", "--backbone")
-        pre = BACKBONES[backbone]
+        """A config with `backbone`'s own preprocessing; `overrides` (frames, fps, fusion, ...) win when not None."""
+        pre = BACKBONES[choices.check(backbone, choices.Backbone, "backbone")]
         values = dict(frames=pre.frames, fps=pre.fps, resize=list(pre.resize), crop=pre.crop,
                       mean=list(pre.mean), std=list(pre.std))
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -165,7 +196,8 @@ def kinetics_categories(backbone: str) -> list[str]:
 # --------------------------------------------------------------------------- the classifier
 
 class VideoClassifier(nn.Module):
-    """`features(clip) -> [B, D]` (what fusion uses) and a linear head: `forward(clip) -> logits [B, classes]`.
+    """`features(clip) -> [B, D]` and a linear head: `forward(clip) -> logits [B, classes]`; when fused,
+    `forward(clip, mel, mel_mask)` classifies from the clip's tokens and the soundtrack's log-mels.
 
     Clips come in as model input [B, 3, T, H, W] (see `preprocess` for uint8 frames from the decoder).
     """
@@ -178,12 +210,16 @@ class VideoClassifier(nn.Module):
         if config.backbone == "small3d":
             self.encoder: nn.Module = Small3DCNN(config.width)
             self.feature_dim = self.encoder.out_dim
-        elif config.backbone in TORCHVISION_WEIGHTS:
-            self.encoder, self.feature_dim = torchvision_encoder(config.backbone), FEATURE_DIMS[config.backbone]
         else:
-            raise UsageError(f"unknown backbone {config.backbone!r}; choose from {', '.join(BACKBONES)}", "--backbone")
+            self.encoder, self.feature_dim = torchvision_encoder(config.backbone), FEATURE_DIMS[config.backbone]
         self.dropout = nn.Dropout(config.dropout)
-        self.head = nn.Linear(self.feature_dim, config.num_classes)
+        if config.fused:  # the fusion classifies
+            self.audio = AudioEncoder(config.audio)
+            self.fusion = ModalityFusion(FusionConfig(
+                config.fusion, input_dims=(self.feature_dim, config.audio.dim), out_dim=config.num_classes,
+                dim=config.fusion_dim, n_heads=4, depth=config.fusion_depth))
+        else:
+            self.head = nn.Linear(self.feature_dim, config.num_classes)
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1, 1), persistent=False)
 
@@ -209,8 +245,21 @@ class VideoClassifier(nn.Module):
         """Model input [B, 3, T, H, W] -> pooled clip features [B, feature_dim]."""
         return self.encoder(clip)
 
-    def forward(self, clip: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.features(clip)))
+    def video_tokens(self, clip: torch.Tensor) -> torch.Tensor:
+        """[B, T', D] for fusion: per time step for the small 3D CNN, one pooled token for torchvision backbones."""
+        if isinstance(self.encoder, Small3DCNN):
+            return reduce(self.encoder.stages(clip), "b c t h w -> b t c", "mean")
+        return self.features(clip)[:, None]
+
+    def forward(self, clip: torch.Tensor, mel: torch.Tensor | None = None,
+                mel_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, classes] from clips [B, 3, T, H, W] (and, when fused, log-mels [B, T_a, n_mels] + mask)."""
+        if not self.config.fused:
+            return self.head(self.dropout(self.features(clip)))
+        if mel is None:
+            raise ValueError(f"a video model with {self.config.fusion} fusion needs the soundtrack's log-mels")
+        audio, audio_mask = self.audio(mel, mel_mask)
+        return self.fusion([self.video_tokens(clip), audio], [None, audio_mask])
 
     def load_kinetics(self) -> None:
         """Load Kinetics-400 weights from the local torch hub cache; the head too when it has 400 classes."""
@@ -225,8 +274,30 @@ class VideoClassifier(nn.Module):
         if missing or unexpected:
             raise UsageError(f"pretrained weights do not match {backbone} ({len(missing)} missing, "
                              f"{len(unexpected)} unexpected)", path)
-        if self.config.num_classes == 400:
+        if self.config.num_classes == 400 and not self.config.fused:
             weight, bias = (head_state[k] for k in _HEAD_KEYS[backbone])
             self.head.weight.data.copy_(weight.reshape(self.head.weight.shape))
             self.head.bias.data.copy_(bias)
 
+
+
+# --------------------------------------------------------------------------- checkpoints of the old fused kind
+
+AV_VIDEO_KIND = "av-video"  # fused video models before fusion joined VideoClassifier: {"video": {...}, ...}
+
+
+def load_av_video(path: str | Path, device: torch.device | str = "cpu") -> tuple[VideoClassifier, CheckpointMeta]:
+    """An `av-video` checkpoint as today's model: its nested config flattened, `video.` taken off weight names."""
+    from safetensors.torch import load_file
+
+    meta = read_metadata(path)
+    old = meta.config
+    config = {**old["video"], **{k: v for k, v in old.items() if k != "video"}}
+    meta = dataclasses.replace(meta, kind="video", config=config)
+    model = build_model(meta)
+    weights = {k.removeprefix("video."): v for k, v in load_file(resolve_checkpoint(path)).items()}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise UsageError(f"checkpoint weights do not load ({str(e).splitlines()[0][:200]})", path) from None
+    return model.to(device).eval(), meta
