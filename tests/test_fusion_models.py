@@ -139,10 +139,3 @@ def test_bad_fusion_options_are_one_line_usage_errors(fused_run, tmp_path, args,
     data, _, _ = fused_run
     proc = run_cli("classify-video", "train", data, "--out", tmp_path / "run", *args, "-q")
     assert_one_line_error(proc, 2, message)
-
-
-def test_cli_fusion_choices_are_the_strategies():
-    from dsfuse.cli.video_fusion import FUSION_CHOICES
-    from dsfuse.nn.fusion import STRATEGIES
-
-    assert FUSION_CHOICES == ("none", *STRATEGIES)  # spelled out there so `dsfuse --help` needs no torch
