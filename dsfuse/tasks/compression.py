@@ -16,14 +16,27 @@ from statistics import mean
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
 
 from dsfuse import choices
 from dsfuse.checkpoint import CheckpointMeta, build_model, load_checkpoint, read_metadata
 from dsfuse.choices import CompressMethod, TrainableCompressMethod
+from dsfuse.data.crops import RandomCrops
+from dsfuse.data.features import read_features, safetensors_metadata, write_compressed
+from dsfuse.data.images import ImageFolder, load_image, save_grid
+from dsfuse.data.tokens import read_tokens
+from dsfuse.device import seed_everything
+from dsfuse.engine import TrainConfig, TrainResult, fit, read_metrics
 from dsfuse.errors import UsageError
-from dsfuse.models.compressor import TokenCompressor, Trial, attention_queries, decode_latent_tokens, run_trial
-from dsfuse.nn.compress import CompressionError, Grid
+from dsfuse.io import check_writable
+from dsfuse.metrics import psnr
+from dsfuse.models.compressor import (CompressorConfig, TokenCompressor, Trial, attention_queries,
+                                      decode_latent_tokens, run_trial)
+from dsfuse.nn.compress import CompressionError, Grid, attention_fidelity, square_grid
+from dsfuse.plots import plot_curves
 from dsfuse.report import warn
 from dsfuse.runs import TrainOptions, prepare_run_dir, resume_options
 
@@ -101,9 +114,6 @@ class TokenSource:
 
 def load_sources(path: Path, setup: Compression) -> list[TokenSource]:
     """An image (its encoder latents), a tokens file from tokenize-image, or a [N, D] tensor file."""
-    from dsfuse.data.features import read_features
-    from dsfuse.nn.compress import square_grid
-
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         return [image_source(path, setup)]
@@ -119,8 +129,6 @@ def load_sources(path: Path, setup: Compression) -> list[TokenSource]:
 
 def image_source(path: Path, setup: Compression) -> TokenSource:
     """An image's latents from the tokenizer's encoder."""
-    from dsfuse.data.images import load_image
-
     tokenizer = setup.need_tokenizer(path)
     image = load_image(path, tokenizer.config.image_size).to(setup.device)
     with torch.no_grad():
@@ -130,15 +138,11 @@ def image_source(path: Path, setup: Compression) -> TokenSource:
 
 def is_tokens_file(path: Path) -> bool:
     """A .safetensors written by tokenize-image (its metadata says so), not a feature tensor."""
-    from dsfuse.data.features import safetensors_metadata
-
     return safetensors_metadata(path).get("format") == "dsfuse-tokens"
 
 
 def tokens_file_sources(path: Path, setup: Compression) -> list[TokenSource]:
     """Token ids written by `tokenize-image`, looked up in the tokenizer's codebook."""
-    from dsfuse.data.tokens import read_tokens
-
     tokenizer = setup.need_tokenizer(path)
     grids = read_tokens(path)
     for made_by in {g.tokenizer for g in grids}:
@@ -185,9 +189,6 @@ class Judge:
         return (tokens - self.mean) / self.std
 
     def __call__(self, trial: Trial) -> float:
-        from dsfuse.metrics import psnr
-        from dsfuse.nn.compress import attention_fidelity
-
         if self.source.from_tokenizer:
             self.last_image = decode_latent_tokens(self.tokenizer, trial.expanded, self.source.grid)
             return float(psnr(self.last_image, self.reference).mean())
@@ -227,9 +228,6 @@ def compress_file(path: Path, setup: Compression, method: CompressMethod, ratio:
 
 def compress_source(path: Path, source: TokenSource, setup: Compression, method: str, ratio: float, out: Path,
                     force: bool) -> dict[str, Any]:
-    from dsfuse.data.features import write_compressed
-    from dsfuse.io import check_writable
-
     check_writable(out, force)
     trial = attempt(source, method, ratio, setup)
     judge = Judge(source, setup)
@@ -250,8 +248,6 @@ def compare(paths: list[Path], setup: Compression, quiet: bool = False, picture:
             ) -> dict[str, Any]:
     """Every method x ratio on every input; fidelity and time averaged over the inputs. A cell a method
     cannot fill says why under "skipped". `picture`: a PNG of the first input's reconstructions."""
-    from tqdm import tqdm
-
     sources = [s for path in paths for s in load_sources(path, setup)]
     if len({s.from_tokenizer for s in sources}) > 1:
         raise UsageError("--compare needs inputs of one kind: images/tokens files or feature tensors, not both",
@@ -295,8 +291,6 @@ def compare_cell(sources: list[TokenSource], judges: list[Judge], method: str, r
 def save_compare_picture(reference: torch.Tensor, shown: dict[tuple[str, int], torch.Tensor], ratios: list[int],
                          path: Path) -> None:
     """Rows: methods; columns: the uncompressed reconstruction, then each ratio (grey where skipped)."""
-    from dsfuse.data.images import save_grid
-
     blank = torch.zeros_like(reference)
     tiles = [tile for method in choices.values(CompressMethod)
              for tile in [reference, *(shown.get((method, r), blank) for r in ratios)]]
@@ -320,16 +314,9 @@ class CompressorOptions(TrainOptions):
 
 
 def train(options: CompressorOptions, out: Path, *, resume: bool, force: bool, explicit: Collection[str],
-          device: torch.device, quiet: bool) -> tuple[Any, dict[str, Any]]:
+          device: torch.device, quiet: bool) -> tuple[TrainResult, dict[str, Any]]:
     """Train a compressor to reconstruct the tokenizer's latents of random crops of DATA; every evaluation
     scores held-out images by PSNR against the uncompressed reconstruction, beside pooling's."""
-    import torch.nn.functional as F
-
-    from dsfuse.device import seed_everything
-    from dsfuse.engine import TrainConfig, fit, read_metrics
-    from dsfuse.models.compressor import CompressorConfig
-    from dsfuse.plots import plot_curves
-
     meta = None
     if resume:
         options, meta = resume_options(options, out, KIND, explicit)
@@ -351,16 +338,12 @@ def train(options: CompressorOptions, out: Path, *, resume: bool, force: bool, e
     # The frozen encoder runs once per crop, not once per step: the crops' latents are the training set.
     # The crops are drawn from the seed alone, so --resume rebuilds the same set.
     seed_everything(options.seed)
-    train_set = encode_crops(tokenizer, crops, device, quiet)
+    train_set = encode_crops(tokenizer, crops, quiet)
     seed_everything(options.seed)
     model = build_model(meta) if meta is not None else TokenCompressor(cfg)
-
-    def loss_fn(net, batch):
-        z = batch[0]
-        return F.mse_loss(net(z).float(), z.float())
-
-    result = fit(model, train_set, loss_fn, train_cfg, run_dir, meta=CheckpointMeta.of(KIND, cfg, options=options.record(), setup={"tokenizer": fingerprint}),
-                 device=device, resume=resume, evaluate=reconstruction_evaluator(tokenizer, val_images, cfg, run_dir))
+    record = CheckpointMeta.of(KIND, cfg, options=options.record(), setup={"tokenizer": fingerprint})
+    result = fit(model, train_set, reconstruction_loss, train_cfg, run_dir, meta=record, device=device, resume=resume,
+                 evaluate=reconstruction_evaluator(tokenizer, val_images, cfg, run_dir))
     plot_curves(read_metrics(run_dir), ["loss", "psnr", "pool_psnr"], run_dir / "curves.png",
                 title=f"train-compressor: {options.method} x{options.ratio}")
     return result, {"method": options.method, "ratio": options.ratio, "tokens_in": cfg.num_tokens,
@@ -376,11 +359,8 @@ def latent_shape(tokenizer: Any, device: torch.device) -> tuple[Grid, int]:
     return tuple(probe.shape[2:]), probe.shape[1]
 
 
-def training_images(options: CompressorOptions, size: int, quiet: bool) -> tuple[Any, torch.Tensor]:
+def training_images(options: CompressorOptions, size: int, quiet: bool) -> tuple[RandomCrops, torch.Tensor]:
     """Random crops of DATA, and up to 16 held-out images (--val, else centre crops of DATA)."""
-    from dsfuse.data.crops import RandomCrops
-    from dsfuse.data.images import ImageFolder
-
     crops = RandomCrops(options.data, size, views=options.views)
     val_images = torch.stack([image for image, _ in ImageFolder(options.val or options.data, size)][:16])
     if crops.skipped:
@@ -395,19 +375,20 @@ def latent_tokens(tokenizer: Any, images: torch.Tensor) -> torch.Tensor:
     return rearrange(z, "b c h w -> b (h w) c")
 
 
-def encode_crops(tokenizer: Any, crops: Any, device: torch.device, quiet: bool) -> torch.utils.data.TensorDataset:
-    from torch.utils.data import DataLoader, TensorDataset
-    from tqdm import tqdm
-
+def encode_crops(tokenizer: Any, crops: RandomCrops, quiet: bool) -> TensorDataset:
+    """The crops' latent tokens, on the CPU: the training set."""
     batches = tqdm(DataLoader(crops, batch_size=64), desc="encode crops", disable=quiet, leave=False, file=sys.stderr)
     return TensorDataset(torch.cat([latent_tokens(tokenizer, batch) for batch in batches]).cpu())
 
 
-def reconstruction_evaluator(tokenizer: Any, val_images: torch.Tensor, cfg: Any, run_dir: Path):
-    """evaluate(net, step): held-out PSNR of the learned and the pooled reconstructions; draws a few of them."""
-    from dsfuse.data.images import save_grid
-    from dsfuse.metrics import psnr
+def reconstruction_loss(net: TokenCompressor, batch: tuple[torch.Tensor]) -> torch.Tensor:
+    """Compress and expand the latents again: the mean squared error of the way back."""
+    z = batch[0]
+    return F.mse_loss(net(z).float(), z.float())
 
+
+def reconstruction_evaluator(tokenizer: Any, val_images: torch.Tensor, cfg: CompressorConfig, run_dir: Path):
+    """evaluate(net, step): held-out PSNR of the learned and the pooled reconstructions; draws a few of them."""
     def evaluate(net, step: int) -> dict[str, float]:
         z = latent_tokens(tokenizer, val_images)
         images = val_images.to(z.device)

@@ -19,13 +19,19 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from dsfuse import choices
-from dsfuse.checkpoint import CheckpointMeta, build_model
+from dsfuse.checkpoint import CheckpointMeta, build_model, load_checkpoint, resolve_checkpoint
 from dsfuse.choices import Balancing, Router
+from dsfuse.data.clusters import skewed_cluster_tokens
+from dsfuse.data.features import read_features
+from dsfuse.device import seed_everything
+from dsfuse.engine import TrainConfig, TrainResult, fit, read_metrics
 from dsfuse.errors import UsageError
+from dsfuse.io import check_writable
 from dsfuse.metrics import max_violation, routing_stats
 from dsfuse.models.moe import MoEClassifier, MoEModelConfig
 from dsfuse.nn.moe import MoE, MoEConfig, moe_aux_loss, moe_layers
-from dsfuse.runs import STATE_FILE, TrainOptions
+from dsfuse.plots import plot_balancing, plot_load_heatmap
+from dsfuse.runs import STATE_FILE, TrainOptions, prepare_run_dir, resume_options
 
 TASK = "moe"
 KIND = "moe"
@@ -88,8 +94,6 @@ def inspect_routing(checkpoint: Path | None, options: LayerOptions, *, features_
                     ) -> dict[str, Any]:
     """Route tokens (random, or `features_file`) through a fresh layer or every MoE layer of `checkpoint`;
     the routing statistics of each layer, and a load heatmap in `plot`."""
-    from dsfuse.data.features import read_features
-
     options.check()
     check_plot(plot, force)
     features = read_features(features_file).tokens if features_file is not None else None
@@ -110,15 +114,11 @@ def inspect_routing(checkpoint: Path | None, options: LayerOptions, *, features_
               "input": str(features_file) if features_file is not None else "random",
               "layers": [{"layer": names[id(layer)], **routing_stats(layer.last_routing)} for layer in layers]}
     if plot is not None:
-        from dsfuse.plots import plot_load_heatmap
-
         result["plot"] = str(plot_load_heatmap(result["layers"], plot, f"expert load, {source}"))
     return result
 
 
 def check_plot(plot: Path | None, force: bool) -> None:
-    from dsfuse.io import check_writable
-
     if plot is not None:
         check_writable(plot, force)
         if plot.suffix.lower() != ".png":
@@ -127,8 +127,6 @@ def check_plot(plot: Path | None, force: bool) -> None:
 
 def checkpoint_model(checkpoint: Path, options: LayerOptions, device: torch.device) -> tuple[nn.Module, str]:
     """The model of a checkpoint with MoE layers, and how to name it."""
-    from dsfuse.checkpoint import load_checkpoint, resolve_checkpoint
-
     given = [flag for flag, value in options.fresh_only().items() if value is not None]
     if given:
         raise UsageError(f"{given[0]} shapes a fresh layer; a checkpoint brings its own", given[0])
@@ -187,14 +185,9 @@ class MoETrainOptions(TrainOptions):
 
 
 def train(options: MoETrainOptions, out: Path, *, resume: bool, force: bool, explicit: Collection[str],
-          device: torch.device, quiet: bool) -> tuple[Any, dict[str, Any]]:
+          device: torch.device, quiet: bool) -> tuple[TrainResult, dict[str, Any]]:
     """Train the same MoE classifier with each way of balancing (a run each in OUT/<balancing>), and plot
     MaxVio over training into OUT/imbalance.png. An interrupted run stops the rest; --resume goes on."""
-    from dsfuse.engine import TrainConfig, TrainResult
-    from dsfuse.io import check_writable
-    from dsfuse.plots import plot_balancing
-    from dsfuse.runs import prepare_run_dir, resume_options
-
     names = choices.values(Balancing)
     metas = {}
     for name in names:
@@ -226,8 +219,6 @@ def train(options: MoETrainOptions, out: Path, *, resume: bool, force: bool, exp
 def cluster_data(cfg: MoEModelConfig, seed: int, device: torch.device, n_seqs: int = 4096, seq_len: int = 16,
                  skew: float = 1.0, noise: float = 1.0) -> tuple[TensorDataset, tuple[torch.Tensor, torch.Tensor]]:
     """Training sequences of tokens in skewed clusters (the label: each token's cluster), and 256 held out."""
-    from dsfuse.data.clusters import skewed_cluster_tokens
-
     rng = np.random.default_rng(seed)
     tokens, labels, centers = skewed_cluster_tokens(n_seqs, seq_len, cfg.in_dim, cfg.n_classes, rng, skew, noise)
     held_tokens, held_labels, _ = skewed_cluster_tokens(256, seq_len, cfg.in_dim, cfg.n_classes, rng, skew, noise,
@@ -261,13 +252,10 @@ def held_out_evaluator(held: tuple[torch.Tensor, torch.Tensor]):
 
 
 def train_balanced(cfg: MoEModelConfig, meta: CheckpointMeta | None, dataset: TensorDataset,
-                   held: tuple[torch.Tensor, torch.Tensor], run_dir: Path, train_cfg: Any, device: torch.device,
-                   options: MoETrainOptions) -> tuple[dict[str, Any], Any]:
+                   held: tuple[torch.Tensor, torch.Tensor], run_dir: Path, train_cfg: TrainConfig,
+                   device: torch.device, options: MoETrainOptions) -> tuple[dict[str, Any], TrainResult]:
     """One run (resumed when `meta` is its checkpoint record): its final held-out numbers and the MaxVio
     of the logged training batches, and the engine's result."""
-    from dsfuse.device import seed_everything
-    from dsfuse.engine import fit, read_metrics
-
     seed_everything(options.seed)
     model = build_model(meta) if meta is not None else MoEClassifier(cfg)
     threads = torch.get_num_threads()
@@ -279,7 +267,7 @@ def train_balanced(cfg: MoEModelConfig, meta: CheckpointMeta | None, dataset: Te
                      resume=meta is not None, evaluate=held_out_evaluator(held))
     finally:
         torch.set_num_threads(threads)
+    history = [{"step": r["step"], "maxvio": r["maxvio"]} for r in read_metrics(run_dir) if "maxvio" in r]
     return {"run_dir": str(run_dir), "maxvio": result.metrics.get("eval_maxvio"),
             "task_loss": result.metrics.get("eval_task_loss"), "accuracy": result.metrics.get("eval_accuracy"),
-            "history": [{"step": r["step"], "maxvio": r["maxvio"]} for r in read_metrics(run_dir) if "maxvio" in r]
-            }, result
+            "history": history}, result
