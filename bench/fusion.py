@@ -2,8 +2,9 @@
 
 Two tasks (dsfuse.data.av_synth): `xor` (motion direction XOR tone pitch: needs both modalities)
 and `noisy-audio` (the label is the motion; the audio is pure noise). Each strategy trains the same
-small tokenizers with its fusion on the shared engine; late fusion, the one strategy without any
-cross-modal interaction, is the reference the others' costs are divided by.
+small tokenizers with its fusion on the shared engine; `none` (the video alone) is the unimodal
+baseline, and late fusion, the one fusing strategy without any cross-modal interaction, is the
+reference the others' costs are divided by.
 
     python bench/fusion.py                       # all strategies, small defaults (a few minutes on 2 cores)
     python bench/fusion.py --strategies early,late --xor-steps 400 --plot fusion.png
@@ -23,14 +24,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dsfuse.report import console, print_table  # noqa: E402
+from dsfuse import choices  # noqa: E402
+from dsfuse.checkpoint import CheckpointMeta  # noqa: E402
 from dsfuse.data.av_synth import AudioVisualSet  # noqa: E402
 from dsfuse.device import seed_everything, select_device  # noqa: E402
 from dsfuse.engine import TrainConfig, fit  # noqa: E402
 from dsfuse.models.av_fusion import AVFusionClassifier, AVFusionConfig  # noqa: E402
-from dsfuse.nn.fusion import STRATEGIES  # noqa: E402
-from dsfuse.plots import _pyplot, save_figure  # noqa: E402
+from dsfuse.plots import save_figure, subplots  # noqa: E402
+from dsfuse.report import console, print_table  # noqa: E402
 
+STRATEGIES = choices.values(choices.Fusion)
 REFERENCE = "late"
 
 
@@ -74,18 +77,18 @@ def run_strategy(strategy: str, task: str, train: AudioVisualSet, test: AudioVis
                  args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     seed_everything(args.seed)
     model = AVFusionClassifier(AVFusionConfig(fusion=strategy, dim=args.dim))
-    cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=min(50, steps // 10),
-                      quiet=True, seed=args.seed, log_every=max(steps // 10, 1))
+    cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, quiet=True, seed=args.seed,
+                      log_every=max(steps // 10, 1))
     with tempfile.TemporaryDirectory(prefix=f"fusion-{strategy}-") as run_dir:
-        result = fit(model, train, av_loss, cfg, run_dir, kind="av-fusion", config=model.config, device=device)
+        result = fit(model, train, av_loss, cfg, run_dir, meta=CheckpointMeta.of("av-fusion", model.config),
+                     device=device)
     return {"params": sum(p.numel() for p in model.parameters()), "train_s": result.seconds,
             "forward_ms": forward_ms(model, test, device), **evaluate(model, test, device)}
 
 
 def plot(results: dict[str, dict[str, dict[str, float]]], strategies: list[str], path: Path) -> Path:
     """Held-out accuracy per task, the noise modality's gate weight, and cost against late fusion."""
-    plt = _pyplot()
-    fig, (acc_ax, cost_ax) = plt.subplots(1, 2, figsize=(12, 4))
+    fig, (acc_ax, cost_ax) = subplots(1, 2, figsize=(12, 4))
     width = 0.38
     xs = range(len(strategies))
     for offset, task in ((-width / 2, "xor"), (width / 2, "noisy-audio")):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -41,10 +40,6 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode())
-
-
-def write_json(path: str | os.PathLike, obj: object) -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def check_writable(path: str | os.PathLike, force: bool) -> Path:

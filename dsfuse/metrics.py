@@ -1,9 +1,15 @@
-"""Metrics shared by the commands: image fidelity, classification quality."""
+"""Metrics shared by the commands: image fidelity, classification quality, MoE routing."""
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from dsfuse.nn.moe import RoutingRecord
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
@@ -56,3 +62,49 @@ def codebook_usage(indices: torch.Tensor, codebook_size: int) -> tuple[float, fl
     probs = counts / counts.sum().clamp_min(1)
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
     return float((counts > 0).float().mean()), float(entropy.exp())
+
+
+# --------------------------------------------------------------------------- MoE routing
+
+def max_violation(load: torch.Tensor) -> float:
+    """MaxVio (DeepSeek-V3): max load / mean load - 1; 0 when perfectly even."""
+    load = load.float()
+    return float(load.max() / load.mean().clamp_min(1e-9) - 1)
+
+
+def frequent_pairs(expert_ids: torch.Tensor, n_experts: int, top: int = 5) -> list[dict[str, Any]]:
+    """The expert pairs most often chosen together for one token."""
+    k = expert_ids.shape[1]
+    if k < 2:
+        return []
+    first, second = torch.combinations(torch.arange(k, device=expert_ids.device), 2).T
+    a, b = expert_ids[:, first], expert_ids[:, second]
+    codes = (torch.minimum(a, b) * n_experts + torch.maximum(a, b)).flatten()
+    counts = torch.bincount(codes, minlength=n_experts * n_experts)
+    values, codes = counts.topk(min(top, int((counts > 0).sum())))
+    return [{"experts": [int(c) // n_experts, int(c) % n_experts], "count": int(v)} for v, c in zip(values, codes)]
+
+
+def routing_stats(record: RoutingRecord) -> dict[str, Any]:
+    """Per-expert load, imbalance, drops, entropy, losses and frequent pairs of one layer's last forward."""
+    n_tokens, n_experts = record.probs.shape
+    load = record.load.float()
+    entropy = -(record.probs * record.probs.clamp_min(1e-12).log()).sum(-1).mean()
+    dropped_tokens = int((~record.kept).all(-1).sum()) if record.kept is not None else 0
+    return {
+        "tokens": n_tokens,
+        "experts": n_experts,
+        "top_k": record.expert_ids.shape[1],
+        "load": record.load.tolist(),
+        "max_load": int(load.max()),
+        "mean_load": float(load.mean()),
+        "max_over_mean": float(load.max() / load.mean().clamp_min(1e-9)),
+        "maxvio": max_violation(load),
+        "dropped_assignments": int(record.demand.sum() - record.load.sum()),
+        "dropped_tokens": dropped_tokens,
+        "routing_entropy": float(entropy),
+        "routing_entropy_max": math.log(n_experts),
+        "balance_loss": float(record.losses["balance"]),
+        "z_loss": float(record.losses["z"]),
+        "top_pairs": frequent_pairs(record.expert_ids, n_experts),
+    }

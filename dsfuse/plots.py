@@ -1,4 +1,7 @@
-"""Plots a person would rather look at than read: training curves from metrics.jsonl."""
+"""Plots a person would rather look at than read: training curves, confusion matrices, MoE loads.
+
+`subplots` gives a figure on the headless backend for plots of one's own (a bench's), `save_figure`
+writes it."""
 
 from __future__ import annotations
 
@@ -16,6 +19,11 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def subplots(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """`matplotlib.pyplot.subplots` on the headless backend: (figure, axes)."""
+    return _pyplot().subplots(*args, **kwargs)
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
@@ -41,9 +49,8 @@ def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float]
 def plot_curves(records: Sequence[Mapping[str, Any]], keys: Sequence[str], path: str | Path,
                 title: str = "training", log_keys: Sequence[str] = ("loss",)) -> Path:
     """One panel per metric in `keys`, against the training step."""
-    plt = _pyplot()
     present = [k for k in keys if _series(records, k)[0]]
-    fig, axes = plt.subplots(1, max(len(present), 1), figsize=(4.2 * max(len(present), 1), 3.2), squeeze=False)
+    fig, axes = subplots(1, max(len(present), 1), figsize=(4.2 * max(len(present), 1), 3.2), squeeze=False)
     for ax, key in zip(axes[0], present):
         steps, values = _series(records, key)
         ax.plot(steps, values, marker="." if len(steps) < 30 else None)
@@ -60,10 +67,9 @@ def plot_confusion(matrix, labels: Sequence[str], path: str | Path, title: str =
     """A confusion-matrix heatmap with counts (rows: true, columns: predicted)."""
     import numpy as np
 
-    plt = _pyplot()
     m = np.asarray(matrix)
     size = max(3.5, 0.55 * len(labels) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig, ax = subplots(figsize=(size, size))
     ax.imshow(m, cmap="Blues")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
@@ -74,4 +80,33 @@ def plot_confusion(matrix, labels: Sequence[str], path: str | Path, title: str =
             ax.text(j, i, str(int(m[i, j])), ha="center", va="center",
                     color="white" if m[i, j] > m.max() / 2 else "black", fontsize=8)
     ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def plot_load_heatmap(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str) -> Path:
+    """MoE routing: one row per layer (`layer`, `load`, `mean_load`), one column per expert: load / mean load."""
+    import numpy as np
+
+    matrix = np.array([np.array(r["load"], dtype=float) / max(r["mean_load"], 1e-9) for r in rows])
+    fig, ax = subplots(figsize=(min(2 + 0.18 * matrix.shape[1], 16), 1.2 + 0.45 * len(rows)))
+    image = ax.imshow(matrix, aspect="auto", cmap="magma", vmin=0)
+    ax.set_yticks(range(len(rows)), [r["layer"] for r in rows])
+    ax.set_xlabel("expert")
+    fig.colorbar(image, ax=ax, label="load / mean load")
+    ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def plot_balancing(results: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
+    """MaxVio of each training batch against the step, one line per balancing method (its `history`)."""
+    fig, ax = subplots(figsize=(6.5, 3.6))
+    for name, r in results.items():
+        ax.plot([h["step"] for h in r["history"]], [h["maxvio"] for h in r["history"]],
+                label=f"{name}: eval MaxVio {r['maxvio']:.2f}, loss {r['task_loss']:.3f}")
+    ax.axhline(0.3, color="grey", linestyle="--", linewidth=0.8, label="MaxVio 0.3")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MaxVio of the training batch")
+    ax.set_title("load imbalance while training on skewed clusters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return save_figure(fig, path)

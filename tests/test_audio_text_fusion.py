@@ -41,7 +41,7 @@ def test_text_is_utf8_bytes_cut_to_max_and_padded():
     assert (batch["text"][1, 2:] == PAD_ID).all() and batch["mask"].sum(1).tolist() == [30, 10]
 
 
-@pytest.mark.parametrize("fusion", [s for s in STRATEGIES])
+@pytest.mark.parametrize("fusion", [s for s in STRATEGIES if s != "none"])  # "none" reads the audio alone
 def test_every_strategy_builds_runs_and_learns(fusion):
     model = tiny_model(fusion).train()
     batch = batch_of([torch.randn(40, 64), torch.randn(25, 64)], ["The train leaves at seven.", "Why?"])

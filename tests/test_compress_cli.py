@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from conftest import REPO, assert_one_line_error, json_lines, run_cli
-from dsfuse.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from dsfuse.checkpoint import CheckpointMeta, load_checkpoint, read_metadata, save_checkpoint
 from dsfuse.data.tokens import TokenGrid, write_tokens
 from dsfuse.models.compressor import CompressorConfig, TokenCompressor, compress, expand, run_trial
 from dsfuse.models.vqvae import VQVAE, VQVAEConfig
@@ -119,13 +119,15 @@ def test_compare_table_on_features(features):
 @pytest.mark.slow
 def test_train_resampler_then_compare_on_images(tokenizer_ckpt, tmp_path):
     run = tmp_path / "rs"
-    proc = run_cli("compress-tokens", "train", SHAPES, "--out", run, "--checkpoint", tokenizer_ckpt, "--method",
+    proc = run_cli("train-compressor", SHAPES, "--out", run, "--checkpoint", tokenizer_ckpt, "--method",
                    "resampler", "--ratio", "4", "--steps", "12", "--batch-size", "4", "--width", "16", "--json",
                    "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     summary = json_lines(proc.stdout)[0]
     assert (summary["tokens_in"], summary["tokens_out"]) == (64, 16)
     assert summary["psnr"] is not None and summary["pool_psnr"] is not None
+    fingerprint = load_checkpoint(tokenizer_ckpt, "vqvae")[0].fingerprint()
+    assert read_metadata(run).setup["tokenizer"] == fingerprint
     for name in ("model.safetensors", "train_state.pt", "metrics.jsonl", "curves.png", "reconstructions.png"):
         assert (run / name).is_file(), name
 
@@ -141,7 +143,6 @@ def test_train_resampler_then_compare_on_images(tokenizer_ckpt, tmp_path):
     with Image.open(picture) as im:  # 4 methods x (reference + 3 ratios) tiles of 32 px
         assert im.size == (4 * 34 + 2, 4 * 34 + 2)
 
-    fingerprint = load_checkpoint(tokenizer_ckpt, "vqvae")[0].fingerprint()
     tokens_file = tmp_path / "tokens.jsonl"
     write_tokens(tokens_file, [TokenGrid(f"img{i}.png", torch.randint(0, 64, (8, 8)), fingerprint, 64) for i in range(2)])
     proc = run_cli("compress-tokens", tokens_file, "--method", "tome", "--ratio", "2", "-c", tokenizer_ckpt,
@@ -170,10 +171,12 @@ def test_bad_input_is_one_line(features, tokenizer_ckpt, tmp_path):
     assert_one_line_error(run_cli("compress-tokens", features, "--method", "resampler", "--out",
                                   tmp_path / "y.safetensors"), 2, "trained compressor checkpoint")
     assert_one_line_error(run_cli("compress-tokens", PHOTOS / "coffee.jpg", "--method", "pool"), 2, "tokenizer")
-    assert_one_line_error(run_cli("compress-tokens", "train", SHAPES, "--out", tmp_path / "r", "-c", tokenizer_ckpt,
+    assert_one_line_error(run_cli("train-compressor", SHAPES, "--out", tmp_path / "r", "-c", tokenizer_ckpt,
                                   "--method", "pixel-shuffle", "--ratio", "3"), 2, "does not split")
-    assert_one_line_error(run_cli("compress-tokens", "train", SHAPES, "--out", tmp_path / "r", "-c", tokenizer_ckpt,
-                                  "--method", "tome"), 2, "only pixel-shuffle and resampler")
+    assert not (tmp_path / "r").exists()  # refused before a run directory was made
+    assert_one_line_error(run_cli("train-compressor", SHAPES, "--out", tmp_path / "r", "-c", tokenizer_ckpt,
+                                  "--method", "tome"), 2, "--method")
+    assert_one_line_error(run_cli("compress-tokens", features), 2, "--method")
     assert_one_line_error(run_cli("compress-tokens", features, "--method", "pool", "-c", features), 2,
                           "safetensors")
     foreign = tmp_path / "foreign.jsonl"

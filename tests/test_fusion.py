@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsfuse.nn.fusion import (STRATEGIES, CrossAttentionBlock, FusionConfig, ModalityFusion,
-                              masked_mean)
+from dsfuse.nn.fusion import STRATEGIES, FusionConfig, ModalityFusion, masked_mean
+from dsfuse.nn.transformer import CrossAttentionBlock
 
 DIMS = (12, 20)
 
@@ -76,13 +76,29 @@ def _interaction(fusion: ModalityFusion) -> float:
     return float((fusion([a1, v1]) + fusion([a2, v2]) - fusion([a1, v2]) - fusion([a2, v1])).abs().max())
 
 
-def test_late_fusion_has_no_cross_modal_interaction():
-    assert _interaction(make("late")) < 1e-5
+@pytest.mark.parametrize("strategy", ["none", "late"])
+def test_no_fusion_and_late_fusion_have_no_cross_modal_interaction(strategy):
+    assert _interaction(make(strategy)) < 1e-5
 
 
-@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "late"])
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s not in ("none", "late")])
 def test_the_other_strategies_let_modalities_interact(strategy):
     assert _interaction(make(strategy)) > 1e-3
+
+
+def test_no_fusion_reads_the_first_modality_alone_which_may_come_alone():
+    fusion = make("none")
+    tokens, masks = inputs()
+    with torch.no_grad():
+        both = fusion(tokens, masks)
+        other_audio = fusion([tokens[0], torch.randn_like(tokens[1])], masks)
+        alone = fusion(tokens[:1], masks[:1])
+    torch.testing.assert_close(other_audio, both)
+    torch.testing.assert_close(alone, both)
+    unimodal = ModalityFusion(FusionConfig("none", input_dims=DIMS[:1], out_dim=3, dim=16, n_heads=2))
+    assert unimodal(tokens[:1]).shape == (3, 3)
+    with pytest.raises(ValueError, match="at least two modalities"):
+        FusionConfig("early", input_dims=DIMS[:1])
 
 
 def test_gated_fusion_exposes_gates_that_sum_to_one_per_sample():

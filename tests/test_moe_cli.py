@@ -1,4 +1,5 @@
-"""`dsfuse moe-inspect`: statistics on real routing, checkpoints, tensor files, the simulation, bad input."""
+"""`dsfuse moe-inspect` and `dsfuse train-moe`: statistics on real routing, checkpoints, tensor files, training
+with each way of balancing, bad input."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import assert_one_line_error, run_cli
-from dsfuse.checkpoint import CheckpointMeta, save_checkpoint
+from dsfuse.checkpoint import CheckpointMeta, read_metadata, save_checkpoint
 from dsfuse.models.moe import MoEClassifier, MoEModelConfig
-from toy_model import ToyConfig, ToyRegressor
-from dsfuse.moe_inspect import frequent_pairs, routing_stats
+from dsfuse.metrics import frequent_pairs, routing_stats
 from dsfuse.nn.moe import MoE, MoEConfig
+from toy_model import ToyConfig, ToyRegressor
 
 
 def inspect(capsys, *args: str) -> subprocess.CompletedProcess:
@@ -54,14 +55,14 @@ def test_every_moe_layer_of_a_checkpoint_with_a_plot(capsys, tmp_path, moe_check
     features = {"features": torch.randn(2, 50, 6)}  # [B, T, in_dim]: routed through the whole model
     save_file(features, tmp_path / "f.safetensors")
     plot = tmp_path / "load.png"
-    proc = inspect(capsys, moe_checkpoint, "--input", tmp_path / "f.safetensors", "--dropless", "--plot", plot,
+    proc = inspect(capsys, "-c", moe_checkpoint, "--input", tmp_path / "f.safetensors", "--dropless", "--plot", plot,
                    "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert [r["layer"] for r in result["layers"]] == ["blocks.0.moe", "blocks.1.moe"]
     assert result["routed"] == "through the whole model" and result["tokens"] == 100
     assert all(sum(r["load"]) == 200 and r["dropped_assignments"] == 0 for r in result["layers"])
-    assert Image.open(plot).size[0] > 100
+    assert Image.open(plot).size[0] > 100 and result["plot"] == str(plot)
 
 
 def test_routing_stats_count_pairs_and_drops():
@@ -79,7 +80,7 @@ def test_routing_stats_count_pairs_and_drops():
     (["--capacity-factor", "-1.5"], "--capacity-factor"),
     (["--router", "hash"], "--router"),
     (["--tokens", "0"], "--tokens"),
-    (["--simulate", "5"], "--out"),
+    (["--dropless", "--capacity-factor", "2"], "--dropless"),
     (["--input", "missing.npy"], "not found"),
 ])
 def test_bad_options_are_one_line_exit_2(capsys, args, where):
@@ -89,31 +90,40 @@ def test_bad_options_are_one_line_exit_2(capsys, args, where):
 def test_bad_inputs_are_one_line_exit_2(capsys, tmp_path, moe_checkpoint):
     np.save(tmp_path / "narrow.npy", np.zeros((10, 12), np.float32))
     assert_one_line_error(inspect(capsys, "--input", tmp_path / "narrow.npy", "--dim", "32"), 2, "width 12")
-    assert_one_line_error(inspect(capsys, moe_checkpoint, "--input", tmp_path / "narrow.npy"), 2, "width 12")
+    assert_one_line_error(inspect(capsys, "-c", moe_checkpoint, "--input", tmp_path / "narrow.npy"), 2, "width 12")
     Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
     assert_one_line_error(inspect(capsys, "--input", tmp_path / "photo.png"), 2, "tensor file")
     (tmp_path / "junk.npy").write_bytes(b"not an array")
     assert_one_line_error(inspect(capsys, "--input", tmp_path / "junk.npy"), 2, "cannot read")
     toy = save_checkpoint(tmp_path / "toy.safetensors", ToyRegressor(ToyConfig()), CheckpointMeta.of("toy", ToyConfig()))
-    assert_one_line_error(inspect(capsys, toy), 2, "no MoE layer")
-    assert_one_line_error(inspect(capsys, moe_checkpoint, "--experts", "8"), 2, "--experts")
-    assert_one_line_error(inspect(capsys, tmp_path / "none.safetensors"), 2, "not found")
+    assert_one_line_error(inspect(capsys, "-c", toy), 2, "no MoE layer")
+    assert_one_line_error(inspect(capsys, "-c", moe_checkpoint, "--experts", "8"), 2, "--experts")
+    assert_one_line_error(inspect(capsys, "-c", tmp_path / "none.safetensors"), 2, "not found")
 
 
 @pytest.mark.slow
-def test_simulation_balances_with_the_aux_free_bias_and_its_checkpoints_inspect(tmp_path):
-    out = tmp_path / "sim"
-    proc = run_cli("moe-inspect", "--simulate", "40", "--out", out, "--json", "-q", "--device", "cpu")
+def test_training_balances_with_the_aux_free_bias_and_its_checkpoints_inspect(tmp_path):
+    out = tmp_path / "balancing"
+    proc = run_cli("train-moe", "--steps", "40", "--out", out, "--json", "-q", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     runs = result["results"]
-    assert set(runs) == {"aux-loss", "aux-free", "none"}
+    assert set(runs) == {"aux-loss", "aux-free", "none"} and result["step"] == 40
     assert runs["none"]["maxvio"] > runs["aux-free"]["maxvio"]  # no balancing piles the clusters up
     assert all(0 < r["task_loss"] < np.log(64) for r in runs.values())  # every variant learns the task
-    assert (out / "imbalance.png").stat().st_size > 0 and (out / "aux-free" / "model.safetensors").exists()
+    assert (out / "imbalance.png").stat().st_size > 0 and result["plot"] == str(out / "imbalance.png")
+    assert read_metadata(out / "aux-free").config["router"] == "aux-free"
 
-    proc = run_cli("moe-inspect", out / "aux-free", "--tokens", "512", "--json", "--device", "cpu")
+    proc = run_cli("moe-inspect", "--checkpoint", out / "aux-free", "--tokens", "512", "--json", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["layers"]) == 2
-    again = run_cli("moe-inspect", "--simulate", "40", "--out", out, "--device", "cpu")
+    written = (out / "aux-loss" / "model.safetensors").stat().st_mtime_ns
+    again = run_cli("train-moe", "--steps", "40", "--out", out, "--device", "cpu")
     assert_one_line_error(again, 2, "--force")
+    assert (out / "aux-loss" / "model.safetensors").stat().st_mtime_ns == written  # refused before any work
+
+
+def test_train_moe_refuses_a_top_k_above_the_experts_before_making_a_run(tmp_path):
+    proc = run_cli("train-moe", "--experts", "4", "--top-k", "6", "--out", tmp_path / "run")
+    assert_one_line_error(proc, 2, "--top-k")
+    assert not (tmp_path / "run").exists()

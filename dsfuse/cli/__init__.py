@@ -21,11 +21,13 @@ COMMAND_MODULES = [  # in the order `--help` lists them and `demo` runs them
     "dsfuse.cli.tokenize_image",
     "dsfuse.cli.train_ddpm",
     "dsfuse.cli.sample",
+    "dsfuse.cli.train_moe",
     "dsfuse.cli.moe",
     "dsfuse.cli.classify_video",
     "dsfuse.cli.audio_emotion",
     "dsfuse.cli.audio_fusion",
     "dsfuse.cli.compress",
+    "dsfuse.cli.train_compressor",
     "dsfuse.cli.chat",
     "dsfuse.cli.demo",
 ]

@@ -1,4 +1,4 @@
-"""Tokens in skewed clusters: the synthetic task `moe-inspect --simulate` trains on.
+"""Tokens in skewed clusters: the synthetic task `train-moe` trains on.
 
 A few clusters hold most tokens (Zipf frequencies), so a router left alone piles them onto a few
 experts; the label of a token is its cluster.

@@ -1,4 +1,7 @@
-"""Feature tensors on disk: read [N, D] (or [h, w, D]) tokens from .safetensors / .npy, write compressed ones."""
+"""Feature tensors on disk: read [N, D] (or [h, w, D]) tokens from .safetensors / .npy, write compressed ones.
+
+`read_features` is the one reader of token features the commands share (moe-inspect --input,
+compress-tokens on tensor files)."""
 
 from __future__ import annotations
 
@@ -15,9 +18,6 @@ from safetensors.torch import save_file
 from dsfuse import __version__
 from dsfuse.errors import UsageError
 from dsfuse.io import atomic_path
-
-TENSOR_SUFFIXES = (".safetensors", ".npy")
-
 
 @dataclass
 class Features:
@@ -46,12 +46,17 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
 
 def read_tensor_file(path: Path) -> torch.Tensor:
     """The one array in a .npy, or in a .safetensors the tensor named `tokens` or its only tensor."""
-    if path.suffix.lower() == ".npy":
+    if not path.is_file():
+        raise UsageError("file not found", path)
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
         try:
             array = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
-            raise UsageError(f"not a readable .npy array ({str(e).splitlines()[0]})", path) from None
+            raise UsageError(f"cannot read the .npy array ({str(e).splitlines()[0]})", path) from None
         return torch.from_numpy(np.ascontiguousarray(array))
+    if suffix != ".safetensors":
+        raise UsageError("expected a tensor file (.npy or .safetensors, [N, D] features)", path)
     try:
         with safe_open(str(path), framework="pt") as f:
             names = list(f.keys())
@@ -61,7 +66,12 @@ def read_tensor_file(path: Path) -> torch.Tensor:
                                  path)
             return f.get_tensor(name)
     except (SafetensorError, OSError, ValueError) as e:
-        raise UsageError(f"not a readable safetensors file ({str(e).splitlines()[0]})", path) from None
+        raise UsageError(f"cannot read the safetensors file ({str(e).splitlines()[0]})", path) from None
+
+
+def read_features(path: Path) -> Features:
+    """Token features from a tensor file, checked as `as_token_grid` does."""
+    return as_token_grid(read_tensor_file(path), path)
 
 
 def as_token_grid(tensor: torch.Tensor, path: Path) -> Features:
@@ -90,3 +100,14 @@ def write_compressed(path: Path, tokens: torch.Tensor, sizes: torch.Tensor, meta
         save_file(tensors, str(tmp), metadata=metadata)
     return path
 
+
+
+def patch_tokens(image_path: Path, side: int = 16, patch: int = 4) -> torch.Tensor:
+    """Real tokens without a trained encoder: the (side*patch)^2 px image cut into side x side patches,
+    each flattened to a 3*patch*patch vector (ViT's patch embedding before its projection)."""
+    from einops import rearrange
+
+    from dsfuse.data.images import load_image
+
+    image = load_image(image_path, side * patch)
+    return rearrange(image, "c (h p) (w q) -> (h w) (c p q)", p=patch, q=patch)

@@ -15,17 +15,15 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from dsfuse import choices
 from dsfuse.nn.compress import (Compressed, CompressionError, Grid, PixelShuffleProjector, avg_pool_tokens,
-                                pool_kernel, tome_tokens, unpool_tokens, untome_tokens)
+                                check_grid, pool_kernel, tome_tokens, unpool_tokens, untome_tokens)
 from dsfuse.nn.resampler import Resampler, ResamplerExpander
-
-METHODS = ("pool", "pixel-shuffle", "tome", "resampler")
-TRAINABLE = ("pixel-shuffle", "resampler")
 
 
 @dataclass
 class CompressorConfig:
-    method: str = "resampler"  # pixel-shuffle | resampler
+    method: choices.TrainableCompressMethod = "resampler"
     dim: int = 64  # token width (the tokenizer's latent channels)
     grid: tuple[int, int] = (16, 16)  # the input token grid it was trained on
     ratio: int = 4
@@ -36,9 +34,8 @@ class CompressorConfig:
 
     def __post_init__(self) -> None:
         self.grid = (int(self.grid[0]), int(self.grid[1]))  # a JSON list once loaded from a checkpoint
-        if self.method not in TRAINABLE:
-            raise CompressionError(f"only {' and '.join(TRAINABLE)} are trainable, got {self.method!r}")
-        check_fits(self.grid, pool_kernel(self.ratio))  # both start from the ratio's k x k windows
+        choices.check(self.method, choices.TrainableCompressMethod, "a trained compressor's method")
+        check_grid(self.num_tokens, self.grid, pool_kernel(self.ratio))  # both start from the ratio's k x k windows
 
     @property
     def num_tokens(self) -> int:
@@ -47,12 +44,6 @@ class CompressorConfig:
     @property
     def num_queries(self) -> int:
         return self.num_tokens // self.ratio
-
-
-def check_fits(grid: Grid, kernel: Grid) -> None:
-    if grid[0] % kernel[0] or grid[1] % kernel[1]:
-        raise CompressionError(f"a {grid[0]}x{grid[1]} grid does not split into {kernel[0]}x{kernel[1]} windows "
-                               f"(ratio {kernel[0] * kernel[1]})")
 
 
 class TokenCompressor(nn.Module):
@@ -75,7 +66,7 @@ class TokenCompressor(nn.Module):
         c = self.config
         if x.shape[-1] != c.dim or tuple(grid) != c.grid:
             raise CompressionError(f"this {c.method} compressor was trained on a {c.grid[0]}x{c.grid[1]} grid of "
-                                   f"{c.dim}-d tokens, got {grid[0]}x{grid[1]} of {x.shape[-1]}-d")
+                                   f"{c.dim}-d tokens, got {grid[0]}x{grid[1]} of {x.shape[-1]}-d", "model")
 
     def compress(self, x: torch.Tensor, grid: Grid) -> Compressed:
         self.check_input(x, grid)
@@ -100,17 +91,17 @@ def compress(x: torch.Tensor, grid: Grid | None, method: str, ratio: float,
         raise CompressionError(f"ratio must be at least 1, got {ratio:g}")
     if method == "tome":
         return tome_tokens(x, ratio, r=tome_r)
-    if method not in METHODS:
-        raise CompressionError(f"unknown method {method!r}; use {', '.join(METHODS)}")
+    choices.check(method, choices.CompressMethod, "method")
     if grid is None:
-        raise CompressionError(f"{method} needs the token grid: {x.shape[1]} tokens is not a square")
-    check_fits(grid, pool_kernel(ratio))
+        raise CompressionError(f"{method} needs the token grid: {x.shape[1]} tokens is not a square", "grid")
+    check_grid(x.shape[1], grid, pool_kernel(ratio))
     if method == "pool":
         return avg_pool_tokens(x, grid, pool_kernel(ratio))
     if model is None or model.config.method != method:
-        raise CompressionError(f"{method} needs a trained compressor checkpoint")
+        raise CompressionError(f"{method} needs a trained compressor checkpoint", "model")
     if model.config.ratio != ratio:
-        raise CompressionError(f"the {method} checkpoint was trained for ratio {model.config.ratio}, not {ratio:g}")
+        raise CompressionError(f"the {method} checkpoint was trained for ratio {model.config.ratio}, not {ratio:g}",
+                               "model")
     return model.compress(x, grid)
 
 

@@ -1,4 +1,4 @@
-"""A token classifier made of DeepSeekMoE blocks: what `moe-inspect --simulate` trains (kind "moe")."""
+"""A token classifier made of DeepSeekMoE blocks: what `train-moe` trains (kind "moe")."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dsfuse import choices
 from dsfuse.nn.moe import MoE, MoEConfig
 
 
@@ -20,7 +21,7 @@ class MoEModelConfig:
     top_k: int = 2
     n_shared: int = 1
     expert_hidden: int = 32
-    router: str = "topk"
+    router: choices.Router = "topk"
     capacity_factor: float = 0.0
     balance_weight: float = 0.01
     z_weight: float = 0.001

@@ -33,7 +33,11 @@ class Compressed:
 
 
 class CompressionError(ValueError):
-    """A ratio or grid a method cannot work with."""
+    """A ratio, grid or trained model a method cannot work with; `about` names which ("ratio", "grid", "model")."""
+
+    def __init__(self, message: str, about: str = "ratio"):
+        super().__init__(message)
+        self.about = about
 
 
 # --------------------------------------------------------------------------- grids and kernels
@@ -56,7 +60,7 @@ def pool_kernel(ratio: float) -> Grid:
 def check_grid(n: int, grid: Grid, kernel: Grid) -> None:
     h, w = grid
     if h * w != n:
-        raise CompressionError(f"grid {h}x{w} does not hold {n} tokens")
+        raise CompressionError(f"grid {h}x{w} does not hold {n} tokens", "grid")
     if h % kernel[0] or w % kernel[1]:
         raise CompressionError(f"a {h}x{w} grid does not split into {kernel[0]}x{kernel[1]} windows "
                                f"(ratio {kernel[0] * kernel[1]})")

@@ -1,4 +1,4 @@
-"""Multimodal fusion: one interface over seven strategies, all built on nn/attention.
+"""Multimodal fusion: one interface over the strategies of `choices.Fusion`, all built on nn/attention.
 
 Every strategy maps M modality token sequences [B, T_m, dim] with padding masks bool [B, T_m]
 (True = real token) to [B, out_dim], logits when the fusion ends a classifier:
@@ -9,6 +9,8 @@ Every strategy maps M modality token sequences [B, T_m, dim] with padding masks 
 `ModalityFusion` projects each modality to the shared width first; the strategy classes below take
 tokens already at `cfg.dim` and can be used on their own.
 
+- none: no fusion, the unimodal baseline: the first modality alone, its masked mean into the same
+  classifier head (the other modalities are ignored and may be left out).
 - early: modality embeddings, all tokens concatenated, one transformer over the joint sequence.
 - mid: MulT-style bidirectional cross-modal layers (each modality attends to the others),
   optionally with ParallelCrossAttention-style gates on what each token lets in.
@@ -29,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsfuse.nn.attention import AttentionConfig, CrossAttention
-from dsfuse.nn.ffn import SwiGLU
-from dsfuse.nn.transformer import TransformerBlock
+from dsfuse import choices
+from dsfuse.nn.attention import AttentionConfig
+from dsfuse.nn.transformer import CrossAttentionBlock, TransformerBlock
 
-STRATEGIES = ("early", "mid", "late", "gated", "bottleneck", "qformer", "hybrid")
+STRATEGIES = choices.values(choices.Fusion)
 
 Tokens = Sequence[torch.Tensor]
 Masks = Sequence[torch.Tensor]
@@ -41,7 +43,7 @@ Masks = Sequence[torch.Tensor]
 
 @dataclass
 class FusionConfig:
-    strategy: str = "mid"
+    strategy: choices.Fusion = "mid"
     input_dims: tuple[int, ...] = (128, 128)  # width of each modality's tokens, in call order
     out_dim: int = 2
     dim: int = 128  # the shared width inside the fusion
@@ -58,10 +60,9 @@ class FusionConfig:
 
     def __post_init__(self) -> None:
         self.input_dims = tuple(int(d) for d in self.input_dims)
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"fusion strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        if len(self.input_dims) < 2:
-            raise ValueError(f"fusion needs at least two modalities, got {len(self.input_dims)}")
+        choices.check(self.strategy, choices.Fusion, "fusion strategy")
+        if len(self.input_dims) < (1 if self.strategy == "none" else 2):
+            raise ValueError(f"{self.strategy} fusion needs at least two modalities, got {len(self.input_dims)}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if min(self.depth, self.n_bottleneck, self.n_queries, self.out_dim, *self.input_dims) < 1:
@@ -73,6 +74,11 @@ class FusionConfig:
     @property
     def n_modalities(self) -> int:
         return len(self.input_dims)
+
+    @property
+    def n_read(self) -> int:
+        """The modalities the strategy reads: the first alone without fusion, else all of them."""
+        return 1 if self.strategy == "none" else self.n_modalities
 
     def attention(self) -> AttentionConfig:
         return AttentionConfig(dim=self.dim, n_heads=self.n_heads, rope=self.rope)
@@ -92,29 +98,15 @@ def classifier_head(in_dim: int, dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, dim), nn.GELU(), nn.Linear(dim, out_dim))
 
 
-class CrossAttentionBlock(nn.Module):
-    """Pre-norm cross-attention from x to a context, then SwiGLU; both residual.
+class NoFusion(nn.Module):
+    """The unimodal baseline: the first modality's masked mean into the classifier head."""
 
-    With `gated`, each token decides per channel how much of the attended context to let in
-    (sigmoid of the token and what it attended to), as the seed's ParallelCrossAttention does.
-    """
-
-    def __init__(self, dim: int, n_heads: int, ffn_hidden: int, gated: bool = False):
+    def __init__(self, cfg: FusionConfig):
         super().__init__()
-        self.norm, self.context_norm = nn.RMSNorm(dim), nn.RMSNorm(dim)
-        self.attn = CrossAttention(dim, n_heads)
-        self.gate = nn.Linear(2 * dim, dim) if gated else None
-        self.ffn_norm = nn.RMSNorm(dim)
-        self.ffn = SwiGLU(dim, ffn_hidden)
+        self.head = classifier_head(cfg.dim, cfg.dim, cfg.out_dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        queries = self.norm(x)
-        update = self.attn(queries, self.context_norm(context), context_mask)
-        if self.gate is not None:
-            update = torch.sigmoid(self.gate(torch.cat([queries, update], -1))) * update
-        x = x + update
-        return x + self.ffn(self.ffn_norm(x))
+    def forward(self, xs: Tokens, masks: Masks) -> torch.Tensor:
+        return self.head(masked_mean(xs[0], masks[0]))
 
 
 class EarlyFusion(nn.Module):
@@ -283,24 +275,25 @@ class HybridFusion(nn.Module):
 
 
 FUSION_CLASSES: dict[str, type[nn.Module]] = {
-    "early": EarlyFusion, "mid": CrossAttentionFusion, "late": LateFusion, "gated": GatedFusion,
+    "none": NoFusion, "early": EarlyFusion, "mid": CrossAttentionFusion, "late": LateFusion, "gated": GatedFusion,
     "bottleneck": BottleneckFusion, "qformer": QFormerFusion, "hybrid": HybridFusion,
 }
 
 
 class ModalityFusion(nn.Module):
-    """Project each modality's tokens to the shared width, fill in missing masks, and fuse."""
+    """Project each modality the strategy reads to the shared width, fill in missing masks, and fuse."""
 
     def __init__(self, cfg: FusionConfig):
         super().__init__()
         self.cfg = cfg
-        self.inputs = nn.ModuleList(nn.Linear(d, cfg.dim) for d in cfg.input_dims)
+        self.inputs = nn.ModuleList(nn.Linear(d, cfg.dim) for d in cfg.input_dims[:cfg.n_read])
         self.strategy = FUSION_CLASSES[cfg.strategy](cfg)
 
     def forward(self, tokens: Tokens, masks: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
-        """tokens: M tensors [B, T_m, D_m]; masks: M bool [B, T_m] or None (all real) -> [B, out_dim]."""
+        """tokens: M tensors [B, T_m, D_m] (without fusion, the first alone will do); masks: M bool [B, T_m]
+        or None (all real) -> [B, out_dim]."""
         masks = list(masks) if masks is not None else [None] * len(tokens)
-        if len(tokens) != self.cfg.n_modalities or len(masks) != len(tokens):
+        if len(tokens) not in (self.cfg.n_read, self.cfg.n_modalities) or len(masks) != len(tokens):
             raise ValueError(f"expected {self.cfg.n_modalities} modalities (and as many masks), "
                              f"got {len(tokens)} and {len(masks)}")
         batch = tokens[0].shape[0]

@@ -29,9 +29,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from dsfuse import choices
 from dsfuse.nn.ffn import SwiGLU
 
-ROUTERS = ("topk", "noisy", "aux-free")
 DISPATCHES = ("sorted", "padded", "grouped")
 
 
@@ -42,7 +42,7 @@ class MoEConfig:
     top_k: int = 6
     n_shared: int = 2  # always-on experts, merged into one SwiGLU of n_shared * expert_hidden
     expert_hidden: int = 128
-    router: str = "topk"  # topk | noisy | aux-free
+    router: choices.Router = "topk"
     capacity_factor: float = 0.0  # 0: dropless; else each expert takes ceil(cf * tokens * k / experts)
     balance_weight: float = 0.01  # Switch-form load-balancing loss
     seq_balance_weight: float = 0.0  # DeepSeek-V3's sequence-wise balance loss
@@ -55,8 +55,7 @@ class MoEConfig:
             raise ValueError(f"n_experts must be at least 1, got {self.n_experts}")
         if not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"top_k must be between 1 and n_experts ({self.n_experts}), got {self.top_k}")
-        if self.router not in ROUTERS:
-            raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+        choices.check(self.router, choices.Router, "router")
         if self.dispatch not in DISPATCHES:
             raise ValueError(f"dispatch must be one of {', '.join(DISPATCHES)}, got {self.dispatch!r}")
         if self.capacity_factor < 0:

@@ -14,25 +14,8 @@ import torch
 from einops import repeat
 from torch import nn
 
-from dsfuse.nn.attention import CrossAttention
 from dsfuse.nn.compress import Compressed, Grid, avg_pool_tokens, check_grid, unpool_tokens
-from dsfuse.nn.ffn import SwiGLU
-
-
-class CrossAttentionLayer(nn.Module):
-    """Pre-norm: queries + attn(norm(queries), norm(context)), then + SwiGLU(norm(queries))."""
-
-    def __init__(self, width: int, heads: int, hidden: int):
-        super().__init__()
-        self.query_norm = nn.LayerNorm(width)
-        self.context_norm = nn.LayerNorm(width)
-        self.attn = CrossAttention(width, heads)
-        self.ffn_norm = nn.LayerNorm(width)
-        self.ffn = SwiGLU(width, hidden)
-
-    def forward(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        queries = queries + self.attn(self.query_norm(queries), self.context_norm(context))
-        return queries + self.ffn(self.ffn_norm(queries))
+from dsfuse.nn.transformer import CrossAttentionBlock
 
 
 class QueryStack(nn.Module):
@@ -47,7 +30,8 @@ class QueryStack(nn.Module):
         self.positions = nn.Parameter(torch.randn(context_len, width) * 0.02)
         self.read_seeds = nn.Linear(dim, width)
         self.read_context = nn.Linear(dim, width)
-        self.layers = nn.ModuleList(CrossAttentionLayer(width, heads, hidden or 4 * width) for _ in range(depth))
+        self.layers = nn.ModuleList(CrossAttentionBlock(width, heads, hidden or 4 * width, norm=nn.LayerNorm)
+                                    for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.write_out = nn.Linear(width, dim)
         nn.init.zeros_(self.write_out.weight)  # start as the identity on the seeds

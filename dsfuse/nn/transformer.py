@@ -1,11 +1,14 @@
-"""A pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)), with RMSNorm."""
+"""Pre-norm transformer blocks: self-attention (x + attn(norm(x)), then x + ffn(norm(x))), and
+cross-attention from x to a context, which fusion and the resampler share."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from dsfuse.nn.attention import AttentionConfig, KVCache, build_attention
+from dsfuse.nn.attention import AttentionConfig, CrossAttention, KVCache, build_attention
 from dsfuse.nn.ffn import SwiGLU
 from dsfuse.nn.moe import MoE, MoEConfig
 
@@ -34,4 +37,31 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
                 cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), mask=mask, causal=causal, cache=cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-norm cross-attention from x to a context, then SwiGLU; both residual.
+
+    With `gated`, each token decides per channel how much of the attended context to let in
+    (sigmoid of the token and what it attended to), as the seed's ParallelCrossAttention does.
+    `norm` makes the normalisation layers (RMSNorm; the resampler keeps LayerNorm).
+    """
+
+    def __init__(self, dim: int, n_heads: int, ffn_hidden: int, gated: bool = False,
+                 norm: Callable[[int], nn.Module] = nn.RMSNorm):
+        super().__init__()
+        self.norm, self.context_norm = norm(dim), norm(dim)
+        self.attn = CrossAttention(dim, n_heads)
+        self.gate = nn.Linear(2 * dim, dim) if gated else None
+        self.ffn_norm = norm(dim)
+        self.ffn = SwiGLU(dim, ffn_hidden)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        queries = self.norm(x)
+        update = self.attn(queries, self.context_norm(context), context_mask)
+        if self.gate is not None:
+            update = torch.sigmoid(self.gate(torch.cat([queries, update], -1))) * update
+        x = x + update
         return x + self.ffn(self.ffn_norm(x))
