@@ -32,7 +32,6 @@ MODEL_KINDS: dict[str, str] = {
     "audio": "dsfuse.models.audio:AudioEmotionClassifier",
     "compressor": "dsfuse.models.compressor:TokenCompressor",
     "av-video": "dsfuse.models.av_video:AudioVisualVideoClassifier",
-    "audio-text": "dsfuse.models.audio_text:AudioTextClassifier",
     "unet": "dsfuse.models.unet:UNet",
 }
 
