@@ -40,12 +40,13 @@ console = Console(stderr=False, width=150)
 # The non-streaming reference: decode everything, then classify the same segments as --segment does.
 WHOLE_FILE_REFERENCE = """
 import sys, torch
-from dsfuse.cli.audio_emotion import classify, load_classifier
+from dsfuse.tasks.speech_emotion import classify, load_model
 from dsfuse.data.audio import LogMel, MelConfig, load_audio
-model, classes, _ = load_classifier(sys.argv[1], torch.device("cpu"))
+model, meta = load_model(sys.argv[1], torch.device("cpu"))
+classes = meta.class_names(sys.argv[1])
 mel = LogMel(MelConfig(n_mels=model.config.n_mels))
 wave = load_audio(sys.argv[2])
-labels = [classes[int(classify(model, [mel(block)], torch.device("cpu"))[0].argmax())]
+labels = [classes[int(classify(model, [mel(block)], torch.device("cpu")).probs[0].argmax())]
           for block in wave.split(int(2.0 * 16000))]
 print(len(labels))
 """

@@ -31,7 +31,6 @@ MODEL_KINDS: dict[str, str] = {
     "video": "dsfuse.models.video:VideoClassifier",
     "audio": "dsfuse.models.audio:AudioEmotionClassifier",
     "compressor": "dsfuse.models.compressor:TokenCompressor",
-    "audio-text": "dsfuse.models.audio_text:AudioTextClassifier",
     "unet": "dsfuse.models.unet:UNet",
 }
 

@@ -18,7 +18,7 @@ from dsfuse.data.emotion_speech import (LogMelClips, SpeakerBaselines, collate_p
                                         speaker_of, split_clips)
 from dsfuse.data.synthetic_speech import synthetic_split
 from dsfuse.errors import InputError, UsageError
-from dsfuse.models.audio import AudioConfig, AudioEmotionClassifier
+from dsfuse.models.audio import AudioConfig, AudioEmotionClassifier, AudioEmotionConfig
 from tests.conftest import assert_one_line_error, json_lines, run_cli
 
 
@@ -173,8 +173,8 @@ def test_synthetic_split_shares_no_voice_or_sentence():
 
 def tiny_model(**overrides) -> AudioEmotionClassifier:
     torch.manual_seed(0)
-    return AudioEmotionClassifier(AudioConfig(n_mels=64, num_classes=3, dim=32, depth=1, n_heads=2,
-                                              conv_channels=8, dropout=0.0, **overrides)).eval()
+    return AudioEmotionClassifier(AudioEmotionConfig(n_mels=64, num_classes=3, dim=32, depth=1, n_heads=2,
+                                                     conv_channels=8, dropout=0.0, **overrides)).eval()
 
 
 def test_encoder_shapes_and_subsampled_mask():
@@ -194,6 +194,23 @@ def test_padding_does_not_change_a_clips_logits():
         alone = model(short[None])
         batched = model(batch["features"], batch["mask"])
     torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_a_checkpoint_of_the_audio_config_alone_loads_as_the_unfused_model(tmp_path):
+    """Checkpoints written before fusion joined the "audio" kind hold the encoder's config alone."""
+    from dataclasses import asdict
+
+    from dsfuse.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+
+    model = tiny_model()
+    assert {name.split(".")[0] for name, _ in model.named_parameters()} == {"encoder", "pool", "head"}
+    old_config = {k: v for k, v in asdict(model.config).items() if k in AudioConfig.__dataclass_fields__}
+    save_checkpoint(tmp_path / "m.safetensors", model, CheckpointMeta("audio", old_config, ("a", "b", "c")))
+    loaded, _ = load_checkpoint(tmp_path / "m.safetensors", kind="audio")
+    assert loaded.config.fusion == "none" and loaded.config.text is None
+    features = torch.randn(2, 40, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(features), model(features))
 
 
 def test_moe_feed_forward_trains_with_its_aux_loss():

@@ -1,31 +1,32 @@
-"""Audio + transcript fusion: the byte-level text encoder, the audio-text model under every strategy,
-and `audio-emotion train/predict --fusion` end to end on a tiny synthetic set with transcripts."""
+"""Audio + transcript fusion: the byte-level text encoder, the speech-emotion model under every fusion
+strategy, and `audio-emotion train/predict --fusion` end to end on a tiny synthetic set with transcripts."""
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from dsfuse import choices
 from dsfuse.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from dsfuse.data.emotion_speech import LogMelClips
 from dsfuse.data.transcripts import TranscribedClips, collate_transcribed, read_transcript, transcript_path
 from dsfuse.errors import InputError
-from dsfuse.models.audio_text import (PAD_ID, AudioTextClassifier, AudioTextConfig, TextConfig, encode_text,
-                                      small_audio_config)
-from dsfuse.nn.fusion import STRATEGIES
+from dsfuse.models.audio import AudioEmotionClassifier, AudioEmotionConfig
+from dsfuse.models.text import PAD_ID, TextConfig, encode_text
 from tests.conftest import assert_one_line_error, json_lines, run_cli
 
+STRATEGIES = [s for s in choices.values(choices.Fusion) if s != "none"]
 
-def tiny_model(fusion: str = "gated") -> AudioTextClassifier:
+
+def tiny_model(fusion: str = "gated") -> AudioEmotionClassifier:
     torch.manual_seed(0)
-    audio = replace(small_audio_config(), n_mels=64, num_classes=3, dim=32, depth=1, conv_channels=8, dropout=0.0)
-    return AudioTextClassifier(AudioTextConfig(audio=audio, text=TextConfig(dim=32, depth=1, dropout=0.0),
-                                               fusion=fusion, num_classes=3, fusion_dim=32)).eval()
+    return AudioEmotionClassifier(AudioEmotionConfig(
+        n_mels=64, num_classes=3, dim=32, depth=1, n_heads=2, ffn_hidden=128, conv_channels=8, dropout=0.0,
+        fusion=fusion, text=TextConfig(dim=32, depth=1, dropout=0.0), fusion_dim=32)).eval()
 
 
 def batch_of(mels: list[torch.Tensor], texts: list[str]) -> dict[str, torch.Tensor]:
@@ -41,14 +42,14 @@ def test_text_is_utf8_bytes_cut_to_max_and_padded():
     assert (batch["text"][1, 2:] == PAD_ID).all() and batch["mask"].sum(1).tolist() == [30, 10]
 
 
-@pytest.mark.parametrize("fusion", [s for s in STRATEGIES if s != "none"])  # "none" reads the audio alone
+@pytest.mark.parametrize("fusion", STRATEGIES)
 def test_every_strategy_builds_runs_and_learns(fusion):
     model = tiny_model(fusion).train()
     batch = batch_of([torch.randn(40, 64), torch.randn(25, 64)], ["The train leaves at seven.", "Why?"])
     logits = model(batch["features"], batch["mask"], batch["text"], batch["text_mask"])
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
     logits.logsumexp(-1).mean().backward()
-    assert model.text.embed.weight.grad is not None and model.audio.subsample.conv1.weight.grad is not None
+    assert model.text.embed.weight.grad is not None and model.encoder.subsample.conv1.weight.grad is not None
 
 
 @pytest.mark.parametrize("fusion", ["gated", "mid", "qformer"])
@@ -63,6 +64,18 @@ def test_padding_of_either_modality_does_not_change_a_clips_logits(fusion):
     torch.testing.assert_close(batched[0], single[0], atol=1e-5, rtol=1e-4)
 
 
+def test_without_fusion_the_model_is_audio_alone():
+    model = tiny_model("none")
+    assert {name.split(".")[0] for name, _ in model.named_parameters()} == {"encoder", "pool", "head"}
+    assert model.gate_weights() is None
+    batch = batch_of([torch.randn(30, 64)], ["Ignored."])
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch["features"], batch["mask"], batch["text"], batch["text_mask"]),
+                                   model(batch["features"], batch["mask"]))
+    with pytest.raises(ValueError, match="transcript"):
+        tiny_model("late")(batch["features"], batch["mask"])
+
+
 def test_the_transcript_changes_the_prediction():
     model = tiny_model("early")
     mel = torch.randn(1, 40, 64)
@@ -74,13 +87,42 @@ def test_the_transcript_changes_the_prediction():
 
 def test_checkpoint_round_trip(tmp_path):
     model = tiny_model("bottleneck")
-    save_checkpoint(tmp_path / "m.safetensors", model, CheckpointMeta.of("audio-text", model.config, classes=("a", "b", "c")))
-    loaded, meta = load_checkpoint(tmp_path / "m.safetensors", kind="audio-text")
+    save_checkpoint(tmp_path / "m.safetensors", model,
+                    CheckpointMeta.of("audio", model.config, classes=("a", "b", "c")))
+    loaded, meta = load_checkpoint(tmp_path / "m.safetensors", kind="audio")
     assert loaded.config == model.config and list(meta.classes) == ["a", "b", "c"]
     batch = batch_of([torch.randn(33, 64)], ["Turn left at the bakery."])
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch["features"], batch["mask"], batch["text"], batch["text_mask"]),
                                    model(batch["features"], batch["mask"], batch["text"], batch["text_mask"]))
+
+
+def test_an_audio_text_checkpoint_of_old_is_refused_with_how_to_retrain(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, tmp_path / "old.safetensors", metadata={"kind": "audio-text", "config": "{}"})
+    (tmp_path / "a.wav").write_bytes(b"")
+    proc = run_cli("audio-emotion", "predict", tmp_path / "a.wav", "--checkpoint", tmp_path / "old.safetensors")
+    assert "retrain it with audio-emotion train --fusion" in assert_one_line_error(proc, 2, "audio-text")
+
+
+def test_fused_training_leaves_out_heldout_classes_training_never_saw(tmp_path, capsys):
+    import numpy as np
+    import soundfile as sf
+
+    from dsfuse.tasks.speech_emotion import SpeechEmotionOptions, load_training_data
+
+    tone = 0.3 * np.sin(2 * np.pi * 220 * np.arange(8000) / 16000).astype(np.float32)
+    for name in ("train/happy/a_1", "train/sad/a_2", "heldout/happy/b_1", "heldout/angry/b_2"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(tmp_path / f"{name}.wav", tone, 16000)
+        (tmp_path / f"{name}.txt").write_text("Hello there.")
+    options = SpeechEmotionOptions(data=tmp_path / "train", heldout=tmp_path / "heldout", fusion="gated", steps=1,
+                                   batch_size=1, lr=1e-3)
+    data = load_training_data(options, quiet=False)
+    assert data.classes == ["happy", "sad"] and [c.label for c in data.heldout.clips] == ["happy"]
+    assert len(data.heldout.text) == len(data.heldout.features) == 1
+    assert "classes absent from training are left out: angry" in capsys.readouterr().err
 
 
 def test_transcript_beside_the_audio(tmp_path):
@@ -151,6 +193,14 @@ def test_train_and_predict_with_transcripts_end_to_end(tmp_path):
 
     assert_one_line_error(run_cli("audio-emotion", "predict", heldout[0], "--checkpoint", run, "--segment", "1"),
                           2, "--segment")
+
+    # --resume adopts the run's options (--fusion gated, --speaker-norm: not given again) and refuses others
+    again = ["audio-emotion", "train", data / "train", "--heldout", data / "heldout", "--out", run, "--resume"]
+    resumed = run_cli(*again, "--steps", "7", "--json", "-q", "--device", "cpu")
+    assert resumed.returncode == 0, resumed.stderr
+    resumed_report = json.loads(resumed.stdout)
+    assert resumed_report["step"] == 7 and resumed_report["fusion"] == "gated" and resumed_report["speaker_norm"]
+    assert_one_line_error(run_cli(*again, "--steps", "8", "--fusion", "late"), 2, "--fusion")
 
     # no transcripts at all: one line, exit 2
     for txt in data.rglob("*.txt"):

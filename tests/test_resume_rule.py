@@ -24,7 +24,7 @@ def make_video(root: Path) -> Path:
 
 def make_speech(root: Path) -> Path:
     data = root / "speech"
-    assert run_cli("audio-emotion", "synthetic", data, "--voices", "2", "--sentences", "2", "--heldout-voices", "1",
+    assert run_cli("audio-emotion", "synthetic", data, "--voices", "3", "--sentences", "3", "--heldout-voices", "1",
                    "--heldout-sentences", "1", "-q").returncode == 0
     return data / "train"
 

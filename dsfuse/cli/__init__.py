@@ -25,7 +25,6 @@ COMMAND_MODULES = [  # in the order `--help` lists them and `demo` runs them
     "dsfuse.cli.moe",
     "dsfuse.cli.classify_video",
     "dsfuse.cli.audio_emotion",
-    "dsfuse.cli.audio_fusion",
     "dsfuse.cli.compress",
     "dsfuse.cli.train_compressor",
     "dsfuse.cli.chat",

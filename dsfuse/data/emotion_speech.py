@@ -13,11 +13,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from dsfuse.choices import LabelScheme, SplitBy, values
 from dsfuse.data.audio import AUDIO_SUFFIXES, SpecAugment
 from dsfuse.errors import UsageError
-
-LABEL_SCHEMES = ("folders", "ravdess", "crema-d")
-SPLITS = ("random", "speaker")
 
 # RAVDESS: modality-channel-EMOTION-intensity-STATEMENT-repetition-ACTOR, e.g. 03-01-05-01-02-01-12.wav
 RAVDESS_EMOTIONS = {"01": "neutral", "02": "calm", "03": "happy", "04": "sad", "05": "angry", "06": "fearful",
@@ -34,7 +32,7 @@ class LabelledClip:
     speaker: str  # who speaks: what `--split-by speaker` keeps apart
 
 
-def speaker_of(path: Path, scheme: str = "folders") -> str:
+def speaker_of(path: Path, scheme: LabelScheme = "folders") -> str:
     """Who speaks in `path` by the file-name convention of `scheme`: the RAVDESS actor, else (folders,
     CREMA-D) the name up to its first '_'. A RAVDESS-scheme name that does not follow it is its own speaker."""
     if scheme == "ravdess":
@@ -71,11 +69,11 @@ _LABELLERS: dict[str, Callable[[Path, Path], str]] = {
 }
 
 
-def find_labelled_clips(root: str | Path, scheme: str = "folders") -> list[LabelledClip]:
+def find_labelled_clips(root: str | Path, scheme: LabelScheme = "folders") -> list[LabelledClip]:
     """Every audio file under `root` with its label and speaker, sorted by path."""
     root = Path(root)
     if scheme not in _LABELLERS:
-        raise UsageError(f"unknown label scheme {scheme!r}; use {', '.join(LABEL_SCHEMES)}", "--labels")
+        raise UsageError(f"unknown label scheme {scheme!r}; use {', '.join(values(LabelScheme))}", "--labels")
     if not root.is_dir():
         raise UsageError("training data must be a folder", root)
     paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
@@ -84,7 +82,7 @@ def find_labelled_clips(root: str | Path, scheme: str = "folders") -> list[Label
     return [LabelledClip(p, _LABELLERS[scheme](p, root), speaker_of(p, scheme)) for p in paths]
 
 
-def split_clips(clips: Sequence[LabelledClip], by: str = "random", heldout_fraction: float = 0.2,
+def split_clips(clips: Sequence[LabelledClip], by: SplitBy = "random", heldout_fraction: float = 0.2,
                 seed: int = 0) -> tuple[list[LabelledClip], list[LabelledClip]]:
     """(training, held-out); `by="speaker"` puts each speaker wholly on one side."""
     if not 0 < heldout_fraction < 1:
@@ -99,7 +97,7 @@ def split_clips(clips: Sequence[LabelledClip], by: str = "random", heldout_fract
         return ([c for c in clips if c.speaker not in heldout_speakers],
                 [c for c in clips if c.speaker in heldout_speakers])
     if by != "random":
-        raise UsageError(f"unknown split {by!r}; use {', '.join(SPLITS)}", "--split-by")
+        raise UsageError(f"unknown split {by!r}; use {', '.join(values(SplitBy))}", "--split-by")
     order = list(range(len(clips)))
     rng.shuffle(order)
     n_heldout = max(1, round(heldout_fraction * len(clips)))

@@ -51,7 +51,7 @@ class TranscribedClips(Dataset):
 
 def collate_transcribed(items: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """collate_padded's {"features", "mask", "labels"} plus {"text", "text_mask"} padded the same way."""
-    from dsfuse.models.audio_text import pad_text
+    from dsfuse.models.text import pad_text
 
     batch = collate_padded([(features, label) for features, label, _ in items])
     batch["text"], batch["text_mask"] = pad_text([text for _, _, text in items])

@@ -2,6 +2,9 @@
 with MLA attention (decoupled RoPE) and a SwiGLU or MoE feed-forward, attention pooling, a linear head.
 With ffn="moe", train on task loss + `dsfuse.nn.moe.moe_aux_loss(model)`.
 
+The transcript is an optional second modality: under a fusion strategy other than "none", a byte-level
+text encoder (models/text.py) reads it and an `nn.fusion` strategy classifies from both sequences.
+
 `AudioEncoder` (features [B, T, n_mels] + mask -> sequence [B, T/4, dim] + mask) is usable on its own,
 e.g. as the audio branch of an audio-visual fusion model.
 """
@@ -15,11 +18,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from dsfuse import choices
+from dsfuse.choices import FeedForward, Fusion
+from dsfuse.models.text import TextConfig, TextEncoder
 from dsfuse.nn.attention import AttentionConfig
+from dsfuse.nn.fusion import FusionConfig, ModalityFusion
 from dsfuse.nn.moe import MoEConfig
 from dsfuse.nn.transformer import TransformerBlock
-
-FFN_KINDS = ("swiglu", "moe")
 
 
 @dataclass
@@ -35,7 +40,7 @@ class AudioConfig:
     qk_nope_head_dim: int = 16
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
-    ffn: str = "swiglu"  # swiglu | moe
+    ffn: FeedForward = "swiglu"
     ffn_hidden: int = 256
     # MoE (ffn="moe"): one shared expert plus n_experts routed ones, each of width ffn_hidden / 2
     n_experts: int = 4
@@ -46,8 +51,7 @@ class AudioConfig:
     feature_std: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.ffn not in FFN_KINDS:
-            raise ValueError(f"ffn must be one of {', '.join(FFN_KINDS)}, got {self.ffn!r}")
+        choices.check(self.ffn, FeedForward, "ffn")
 
 
 def subsampled_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -121,18 +125,60 @@ class AttentionPool(nn.Module):
         return torch.einsum("bt,btd->bd", weights, x)
 
 
+@dataclass
+class AudioEmotionConfig(AudioConfig):
+    """The audio encoder's config, and what joins the transcript to it under a fusion strategy."""
+
+    fusion: Fusion = "none"
+    text: TextConfig | None = None  # the transcript's encoder (fused models only; None: its defaults)
+    fusion_dim: int = 64
+    fusion_depth: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        choices.check(self.fusion, Fusion, "fusion")
+        if isinstance(self.text, dict):  # from a checkpoint's JSON
+            self.text = TextConfig(**self.text)
+        if self.fused and self.text is None:
+            self.text = TextConfig()
+
+    @property
+    def fused(self) -> bool:
+        return self.fusion != "none"
+
+
 class AudioEmotionClassifier(nn.Module):
-    """Encoder, attention pooling, linear head: log-mel features -> class logits [B, num_classes]."""
+    """Log-mel features [B, T, n_mels] (+ under fusion the transcript's byte ids [B, T_t]) -> logits [B, classes].
 
-    Config = AudioConfig
+    Without fusion: encoder, attention pooling, linear head. With a fusion strategy: the encoder's
+    sequence and the text encoder's, classified by `nn.fusion.ModalityFusion`.
+    """
 
-    def __init__(self, cfg: AudioConfig):
+    Config = AudioEmotionConfig
+
+    def __init__(self, cfg: AudioEmotionConfig):
         super().__init__()
         self.config = cfg
         self.encoder = AudioEncoder(cfg)
-        self.pool = AttentionPool(cfg.dim)
-        self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.dim, cfg.num_classes))
+        if cfg.fused:
+            self.text = TextEncoder(cfg.text)
+            self.fusion = ModalityFusion(FusionConfig(
+                cfg.fusion, input_dims=(cfg.dim, cfg.text.dim), out_dim=cfg.num_classes, dim=cfg.fusion_dim,
+                n_heads=4, depth=cfg.fusion_depth))
+        else:
+            self.pool = AttentionPool(cfg.dim)
+            self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.dim, cfg.num_classes))
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
         x, mask = self.encoder(features, mask)
-        return self.head(self.pool(x, mask))
+        if not self.config.fused:
+            return self.head(self.pool(x, mask))
+        if text is None or text_mask is None:
+            raise ValueError(f"a model with {self.config.fusion} fusion needs the transcript's byte ids and mask")
+        words, text_mask = self.text(text, text_mask)
+        return self.fusion([x, words], [mask, text_mask])
+
+    def gate_weights(self) -> torch.Tensor | None:
+        """Per-sample (audio, text) gate weights [B, 2] of the last forward under gated fusion, else None."""
+        return self.fusion.gate_weights() if self.config.fused else None

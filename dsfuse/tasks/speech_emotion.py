@@ -1,0 +1,443 @@
+"""Speech emotion: train a classifier on labelled clips, with the transcript beside each clip fused in or
+not (one model kind, "audio": fusion "none" is audio alone), evaluate it on held-out clips, label whole
+files or stream a timeline over long audio, and write a synthetic emotional-speech set to train on.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from dsfuse import runs
+from dsfuse.checkpoint import CheckpointMeta, build_model, load_checkpoint, read_metadata
+from dsfuse.choices import FeedForward, Fusion, LabelScheme, SpeakerBy, SplitBy
+from dsfuse.data.audio import LogMel, MelConfig, is_silent, load_audio, stream_audio, trim_silence
+from dsfuse.data.emotion_speech import (LabelledClip, LogMelClips, SpeakerBaselines, collate_padded,
+                                        find_labelled_clips, speaker_of, split_clips)
+from dsfuse.data.synthetic_speech import synthetic_split, write_synthetic_set
+from dsfuse.data.transcripts import TranscribedClips, collate_transcribed, read_transcript
+from dsfuse.device import seed_everything
+from dsfuse.engine import TrainConfig, TrainResult, fit, read_metrics
+from dsfuse.errors import InputError, UsageError
+from dsfuse.metrics import accuracy, confusion_matrix, per_class_f1
+from dsfuse.models.audio import AudioEmotionClassifier, AudioEmotionConfig
+from dsfuse.models.text import TextConfig, encode_text, pad_text
+from dsfuse.nn.moe import moe_aux_loss
+from dsfuse.plots import plot_confusion, plot_curves
+from dsfuse.report import warn
+
+TASK = "speech-emotion"  # default run directories: runs/speech-emotion/train, train2, ...
+KIND = "audio"
+LEGACY_FUSED_KIND = "audio-text"  # fused models before fusion became an option of KIND
+WINDOW_FRAMES = 3000  # 30 s of 10 ms log-mel frames: a whole file is classified window by window
+MIN_BASELINE_FRAMES = 600  # 6 s: one clip (2-4 s) makes a poor speaker baseline, four of mixed emotion a good one
+
+Normalize = Callable[[torch.Tensor], torch.Tensor]  # features -> speaker-normalised features
+
+
+@dataclass(kw_only=True)
+class SpeechEmotionOptions(runs.TrainOptions):
+    """What `audio-emotion train` takes; the checkpoint records it and `--resume` adopts it."""
+
+    data: Path
+    labels: LabelScheme = "folders"
+    split_by: SplitBy = "random"
+    heldout: Path | None = None
+    heldout_fraction: float = 0.2
+    dim: int = 96
+    depth: int = 2
+    ffn: FeedForward = "swiglu"
+    n_mels: int = 64
+    crop_seconds: float = 2.0
+    speaker_norm: bool = False
+    fusion: Fusion = "none"
+
+    @property
+    def fused(self) -> bool:
+        return self.fusion != "none"
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclass
+class Examples:
+    """Clips with their log-mel features and, under fusion, their transcripts' byte ids."""
+
+    clips: list[LabelledClip]
+    features: list[torch.Tensor]
+    text: list[torch.Tensor] | None = None
+
+    def targets(self, classes: Sequence[str]) -> torch.Tensor:
+        index = {c: i for i, c in enumerate(classes)}
+        return torch.tensor([index[clip.label] for clip in self.clips])
+
+
+@dataclass
+class TrainingData:
+    classes: list[str]
+    train: Examples
+    heldout: Examples
+
+
+def load_training_data(options: SpeechEmotionOptions, quiet: bool) -> TrainingData:
+    """The training and held-out examples; data that cannot train a classifier is refused in one line."""
+    clips = find_labelled_clips(options.data, options.labels)
+    if options.heldout is not None:
+        train_clips, heldout_clips = clips, find_labelled_clips(options.heldout, options.labels)
+    else:
+        train_clips, heldout_clips = split_clips(clips, options.split_by, options.heldout_fraction, options.seed)
+    text_of = transcripts_of(train_clips, heldout_clips, options, quiet) if options.fused else None
+    with_transcripts = " with transcripts" if options.fused else ""
+    mel = LogMel(MelConfig(n_mels=options.n_mels))
+    train = load_examples(train_clips, mel, text_of, quiet, "features (train)")
+    classes = sorted({clip.label for clip in train.clips})
+    if len(classes) < 2:
+        raise UsageError(f"training needs at least 2 classes{with_transcripts}, found {len(classes)}", options.data)
+    unknown = sorted({clip.label for clip in heldout_clips} - set(classes))
+    if unknown:
+        warn(f"held-out clips of classes absent from training are left out: {', '.join(unknown)}", quiet)
+    heldout = load_examples([c for c in heldout_clips if c.label in classes], mel, text_of, quiet,
+                            "features (held-out)")
+    if not heldout.clips:
+        raise UsageError(f"no usable held-out clips{with_transcripts}", options.heldout or options.data)
+    if options.speaker_norm:  # each side against its own speakers' baselines, as predict --speaker-by name does
+        train, heldout = speaker_normalized(train, quiet), speaker_normalized(heldout, quiet)
+    return TrainingData(classes, train, heldout)
+
+
+def transcripts_of(train: Sequence[LabelledClip], heldout: Sequence[LabelledClip], options: SpeechEmotionOptions,
+                   quiet: bool) -> dict[Path, torch.Tensor]:
+    """Each clip's transcript as byte ids; a clip without one is left out with a warning, and a training
+    set without any is refused."""
+    ids, missing = {}, []
+    max_bytes = text_config(options).max_bytes
+    for clip in [*train, *heldout]:
+        try:
+            ids[clip.path] = encode_text(read_transcript(clip.path), max_bytes)
+        except InputError as e:
+            missing.append(e)
+    if not any(clip.path in ids for clip in train):  # one line, not a warning per clip
+        raise UsageError("no training clip has a transcript (.txt of the same name) beside it to fuse", options.data)
+    for reason in missing:
+        warn(f"left out of fused training: {reason}", quiet)
+    return ids
+
+
+def load_examples(clips: Sequence[LabelledClip], mel: LogMel, text_of: dict[Path, torch.Tensor] | None,
+                  quiet: bool, desc: str) -> Examples:
+    """The readable, non-silent clips (with a transcript, when `text_of` is given) and their features;
+    an unusable clip is skipped with a warning."""
+    if text_of is not None:
+        clips = [clip for clip in clips if clip.path in text_of]
+    features, kept = [], []
+    for clip in tqdm(clips, desc=desc, disable=quiet, leave=False, file=sys.stderr):
+        try:
+            wave = load_audio(clip.path, mel.cfg.sample_rate)
+        except InputError as e:
+            warn(f"skipped: {e}")
+            continue
+        if is_silent(wave):
+            warn(f"skipped: silent clip ({clip.path})")
+            continue
+        features.append(mel(trim_silence(wave, mel.cfg.sample_rate)))
+        kept.append(clip)
+    return Examples(kept, features, None if text_of is None else [text_of[clip.path] for clip in kept])
+
+
+# --------------------------------------------------------------------------- speaker baselines
+
+def warn_thin_baselines(baselines: SpeakerBaselines, quiet: bool) -> None:
+    """One warning naming the speakers whose baseline rests on too little speech to be trusted."""
+    thin = [s for s in baselines.speakers if baselines.frames(s) < MIN_BASELINE_FRAMES]
+    if thin:
+        warn(f"speaker baseline from under {MIN_BASELINE_FRAMES // 100} s of speech for {len(thin)} speaker(s) "
+             f"({', '.join(thin[:3])}{', ...' if len(thin) > 3 else ''}): give several clips of mixed emotion "
+             "per speaker", quiet)
+
+
+def speaker_normalized(examples: Examples, quiet: bool) -> Examples:
+    """Each clip's features less its speaker's mean frame over these clips (train --speaker-norm)."""
+    speakers = [clip.speaker for clip in examples.clips]
+    baselines = SpeakerBaselines.of(speakers, examples.features)
+    warn_thin_baselines(baselines, quiet)
+    return replace(examples, features=[baselines.normalize(s, f) for s, f in zip(speakers, examples.features)])
+
+
+def gather_baselines(paths: Sequence[Path], speaker_of_path: Callable[[Path], str], mel: LogMel, quiet: bool
+                     ) -> SpeakerBaselines:
+    """Each speaker's baseline over all their files given, decoded as a stream (memory stays flat).
+    Unreadable files are passed over here; predicting them reports the error."""
+    baselines = SpeakerBaselines()
+    block_seconds = WINDOW_FRAMES * mel.cfg.hop_length / mel.cfg.sample_rate
+    for path in tqdm(paths, desc="speaker baselines", disable=quiet, leave=False, file=sys.stderr):
+        try:
+            for block in stream_audio(path, block_seconds, mel.cfg.sample_rate):
+                if not is_silent(block):
+                    baselines.add(speaker_of_path(path), mel(trim_silence(block, mel.cfg.sample_rate)))
+        except InputError:
+            continue
+    warn_thin_baselines(baselines, quiet)
+    return baselines
+
+
+def unchanged(features: torch.Tensor) -> torch.Tensor:
+    """The features as they are: no speaker baseline to subtract."""
+    return features
+
+
+def speaker_normalizer(paths: Sequence[Path], options: dict[str, Any], speaker_by: SpeakerBy | None, mel: LogMel,
+                       quiet: bool) -> Callable[[Path], Normalize]:
+    """path -> what to do to its features: subtract its speaker's baseline if the model was trained so
+    (`options`: the trainer's, as the checkpoint recorded them)."""
+    if not options.get("speaker_norm"):
+        if speaker_by is not None:
+            warn("--speaker-by is ignored: the checkpoint was trained without --speaker-norm", quiet)
+        return lambda path: unchanged
+    scheme = options.get("labels", "folders")
+    key = {"name": lambda path: speaker_of(path, scheme), "file": str, "all": lambda path: ""}[speaker_by or "name"]
+    baselines = gather_baselines(paths, key, mel, quiet)
+    return lambda path: partial(baselines.normalize, key(path)) if baselines.frames(key(path)) else unchanged
+
+
+# --------------------------------------------------------------------------- the model, classification, evaluation
+
+def text_config(options: SpeechEmotionOptions) -> TextConfig:
+    """The transcript's encoder, as wide as the audio's."""
+    return TextConfig(dim=options.dim)
+
+
+def model_config(options: SpeechEmotionOptions, data: TrainingData) -> AudioEmotionConfig:
+    """A new model for `options`; under fusion the audio encoder is the one built without, so the two
+    compare like for like."""
+    frames = torch.cat(data.train.features)
+    return AudioEmotionConfig(n_mels=options.n_mels, num_classes=len(data.classes), dim=options.dim,
+                              depth=options.depth, ffn=options.ffn, n_heads=max(1, options.dim // 32),
+                              feature_mean=float(frames.mean()), feature_std=float(frames.std()),
+                              fusion=options.fusion, text=text_config(options) if options.fused else None,
+                              fusion_dim=options.dim)
+
+
+class Scores(NamedTuple):
+    probs: torch.Tensor  # [N, classes]
+    gates: torch.Tensor | None  # [N, 2] (audio, text) weights under gated fusion, else None
+
+
+def classify(model: AudioEmotionClassifier, features: Sequence[torch.Tensor], device: torch.device,
+             text: Sequence[torch.Tensor] | None = None, batch_size: int = 16) -> Scores:
+    """Class probabilities for variable-length log-mel clips (and, for a fused model, their transcripts'
+    byte ids), batched by similar length."""
+    order = sorted(range(len(features)), key=lambda i: len(features[i]))  # little padding per batch
+    probs = torch.empty(len(features), model.config.num_classes)
+    gates = torch.empty(len(features), 2) if model.config.fusion == "gated" else None
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            batch = collate_padded([(features[i], torch.tensor(0)) for i in index])
+            if text is not None:
+                batch["text"], batch["text_mask"] = pad_text([text[i] for i in index])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(batch["features"], batch["mask"], batch.get("text"), batch.get("text_mask"))
+            probs[index] = logits.float().softmax(-1).cpu()
+            if gates is not None:
+                gates[index] = model.gate_weights().float().cpu()
+    return Scores(probs, gates)
+
+
+def evaluate(model: AudioEmotionClassifier, examples: Examples, classes: Sequence[str], device: torch.device
+             ) -> dict[str, Any]:
+    """Accuracy, macro and per-class F1, the confusion matrix and, under gated fusion, the mean gates."""
+    probs, gates = classify(model, examples.features, device, examples.text)
+    true, pred = examples.targets(classes), probs.argmax(-1)
+    matrix = confusion_matrix(true, pred, len(classes))
+    f1 = per_class_f1(matrix)
+    report = {"accuracy": accuracy(true, pred), "macro_f1": float(f1.mean()),
+              "f1": {c: float(v) for c, v in zip(classes, f1)}, "confusion": matrix.tolist()}
+    if gates is not None:  # how much the model listens to each modality, on average
+        report["gate_audio"], report["gate_text"] = (round(float(g), 4) for g in gates.mean(0))
+    return report
+
+
+def classification_loss(net: torch.nn.Module, batch: dict[str, torch.Tensor], moe: bool
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy with a little label smoothing (+ the experts' balancing loss under --ffn moe)."""
+    logits = net(batch["features"], batch["mask"], batch.get("text"), batch.get("text_mask"))
+    loss = F.cross_entropy(logits, batch["labels"], label_smoothing=0.05)
+    stats = {"train_acc": float((logits.argmax(-1) == batch["labels"]).float().mean())}
+    if moe:  # keep the experts evenly loaded
+        aux = moe_aux_loss(net)
+        loss, stats["moe_aux"] = loss + aux, float(aux)
+    return loss, stats
+
+
+# --------------------------------------------------------------------------- train
+
+def check_options(options: SpeechEmotionOptions) -> None:
+    """Refuse what the options' types do not: a crop too short to hear, a width the fusion's heads cannot split."""
+    if not options.crop_seconds > 0.5:
+        raise UsageError(f"crop-seconds must be above 0.5, got {options.crop_seconds}", "--crop-seconds")
+    if options.fused and options.dim % 4:
+        raise UsageError(f"dim must be a multiple of 4 under --fusion, got {options.dim}", "--dim")
+
+
+def training_set(data: TrainingData, options: SpeechEmotionOptions) -> tuple[Dataset, Callable[[list], Any]]:
+    """The training clips as random crops with SpecAugment (with their transcripts under fusion), and their collate."""
+    mel = MelConfig(n_mels=options.n_mels)
+    crop_frames = round(options.crop_seconds * mel.sample_rate / mel.hop_length)
+    clips = LogMelClips(data.train.features, data.train.targets(data.classes), crop_frames, augment=True)
+    if data.train.text is None:
+        return clips, collate_padded
+    return TranscribedClips(clips, data.train.text), collate_transcribed
+
+
+def train(options: SpeechEmotionOptions, run_dir: Path, *, resume: bool, force: bool, explicit: Collection[str],
+          device: torch.device, quiet: bool) -> tuple[TrainResult, dict[str, Any]]:
+    """Train (or continue, with `resume`) a classifier on the clips; the run and its held-out report."""
+    meta = None
+    if resume:
+        options, meta = runs.resume_options(options, run_dir, KIND, explicit)
+    check_options(options)
+    train_cfg = TrainConfig(steps=options.steps, batch_size=options.batch_size, lr=options.lr,
+                            eval_every=options.eval_every, seed=options.seed, quiet=quiet)  # checks them, too
+    data = load_training_data(options, quiet)
+    if meta is not None and list(meta.classes) != data.classes:
+        raise UsageError(f"the run was trained on the classes {', '.join(meta.classes)}, this data has "
+                         f"{', '.join(data.classes)}", options.data)
+    run_dir = runs.prepare_run_dir(run_dir, resume, force)
+    seed_everything(options.seed)
+    model = build_model(meta) if meta is not None else AudioEmotionClassifier(model_config(options, data))
+    dataset, collate = training_set(data, options)
+    fusion_note = f", {options.fusion} fusion" if options.fused else ""
+    report: dict[str, Any] = {}
+
+    def evaluate_heldout(net: AudioEmotionClassifier, step: int) -> dict[str, float]:
+        report.update(evaluate(net, data.heldout, data.classes, device))
+        plot_confusion(report["confusion"], data.classes, run_dir / "confusion.png",
+                       title=f"held-out confusion{fusion_note}, step {step} (accuracy {report['accuracy']:.1%})")
+        return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
+
+    result = fit(model, dataset, partial(classification_loss, moe=options.ffn == "moe"), train_cfg, run_dir,
+                 meta=CheckpointMeta.of(KIND, model.config, classes=tuple(data.classes), options=options.record()),
+                 device=device, resume=resume, evaluate=evaluate_heldout,
+                 collate_fn=collate)
+    plot_curves(read_metrics(run_dir), ["loss", "train_acc", "accuracy", "macro_f1"], run_dir / "curves.png",
+                title=f"audio-emotion{' + transcript' if options.fused else ''}{fusion_note}", log_keys=("loss",))
+    return result, {"fusion": options.fusion, "classes": data.classes, "train_clips": len(data.train.clips),
+                    "heldout_clips": len(data.heldout.clips), "speaker_norm": options.speaker_norm,
+                    "split": "heldout folder" if options.heldout else options.split_by, **report}
+
+
+# --------------------------------------------------------------------------- predict
+
+def load_model(checkpoint: Path, device: torch.device) -> tuple[AudioEmotionClassifier, CheckpointMeta]:
+    """A speech-emotion model and its record; an old "audio-text" checkpoint is refused in one line."""
+    if read_metadata(checkpoint).kind == LEGACY_FUSED_KIND:
+        raise UsageError(f"an {LEGACY_FUSED_KIND!r} checkpoint, from before fused models became kind {KIND!r}: "
+                         "retrain it with audio-emotion train --fusion", checkpoint)
+    return load_checkpoint(checkpoint, kind=KIND, device=device)
+
+
+def top_label(probs: torch.Tensor, classes: Sequence[str]) -> dict[str, Any]:
+    best = int(probs.argmax())
+    return {"label": classes[best], "score": round(float(probs[best]), 4)}
+
+
+@dataclass
+class SpeechClassifier:
+    """A trained model ready to label files, with its classes, features and speakers' baselines."""
+
+    model: AudioEmotionClassifier
+    classes: list[str]
+    mel: LogMel
+    device: torch.device
+    normalizer: Callable[[Path], Normalize]
+
+    @property
+    def fusion(self) -> Fusion:
+        return self.model.config.fusion
+
+    def transcript(self, path: Path) -> torch.Tensor | None:
+        """The byte ids of the transcript beside `path` for a fused model (missing: that file's InputError)."""
+        if not self.model.config.fused:
+            return None
+        return encode_text(read_transcript(path), self.model.config.text.max_bytes)
+
+    def label_file(self, path: Path) -> dict[str, Any]:
+        """One label for a whole file: decoded, trimmed of silence, (speaker-normalised,) classified."""
+        text = self.transcript(path)  # first: no transcript, no decoding
+        wave = load_audio(path, self.mel.cfg.sample_rate)
+        if is_silent(wave):
+            raise InputError("audio is silent: nothing to classify", path)
+        features = self.normalizer(path)(self.mel(trim_silence(wave, self.mel.cfg.sample_rate)))
+        # Long files: classify 30 s windows (each with the whole transcript) and average by length,
+        # so attention never spans a whole hour.
+        windows = list(features.split(WINDOW_FRAMES))
+        weights = torch.tensor([len(w) for w in windows], dtype=torch.float32)
+        scores = classify(self.model, windows, self.device, None if text is None else [text] * len(windows))
+        probs = (scores.probs * weights[:, None]).sum(0) / weights.sum()
+        record = {**top_label(probs, self.classes),
+                  "probabilities": {c: round(float(p), 4) for c, p in zip(self.classes, probs)},
+                  "duration": round(wave.numel() / self.mel.cfg.sample_rate, 3)}
+        if self.model.config.fused:
+            record["fusion"] = self.fusion
+        if scores.gates is not None:
+            record["gate_text"] = round(float(scores.gates[:, 1].mean()), 4)
+        return record
+
+    def timeline(self, path: Path, segment: float) -> Iterator[dict[str, Any]]:
+        """One record per `segment` seconds, decoding the file block by block (memory stays flat)."""
+        rate, normalize = self.mel.cfg.sample_rate, self.normalizer(path)
+        start = 0.0
+        for block in stream_audio(path, segment, rate):
+            end = start + block.numel() / rate
+            record: dict[str, Any] = {"start": round(start, 3), "end": round(end, 3)}
+            if is_silent(block):
+                record.update(label=None, score=None, silent=True)
+            else:
+                record.update(top_label(classify(self.model, [normalize(self.mel(block))], self.device).probs[0],
+                                        self.classes))
+            yield record
+            start = end
+
+
+def open_classifier(checkpoint: Path, paths: Sequence[Path], *, segment: float | None, speaker_by: SpeakerBy | None,
+                    device: torch.device, quiet: bool) -> SpeechClassifier:
+    """The checkpoint's classifier for labelling `paths` (their speakers' baselines gathered, if it needs them)."""
+    model, meta = load_model(checkpoint, device)
+    if segment is not None and model.config.fused:
+        raise UsageError("--segment needs an audio-only checkpoint: a transcript covers the whole file", "--segment")
+    mel = LogMel(MelConfig(n_mels=model.config.n_mels))
+    return SpeechClassifier(model, meta.class_names(checkpoint), mel, device,
+                            speaker_normalizer(paths, meta.options, speaker_by, mel, quiet))
+
+
+# --------------------------------------------------------------------------- synthetic set
+
+def make_synthetic(out: Path, *, voices: int, sentences: int, heldout_voices: int, heldout_sentences: int,
+                   emotions: Sequence[str], transcripts: bool, seed: int, force: bool, quiet: bool) -> dict[str, Any]:
+    """Write OUT/{train,heldout}/EMOTION/VOICE_sNN.wav (espeak-ng, one prosody per emotion); what was written."""
+    plan = synthetic_split(voices, sentences, heldout_voices, heldout_sentences)
+    if len(emotions) < 2:
+        raise UsageError("give at least 2 emotions", "--emotions")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise UsageError("output folder is not empty; pass --force to replace it", out)
+        shutil.rmtree(out)
+    total = len(emotions) * sum(len(v) * len(s) for v, s in plan.values())
+    splits = {}
+    with tqdm(total=total, desc="synthetic speech", disable=quiet, leave=False, file=sys.stderr) as bar:
+        for name, (split_voices, split_sentences) in plan.items():
+            paths = write_synthetic_set(out / name, split_voices, split_sentences, emotions, seed,
+                                        on_clip=lambda _: bar.update(1), transcripts=transcripts)
+            splits[name or "all"] = {"folder": str(out / name), "clips": len(paths), "voices": split_voices,
+                                     "sentences": split_sentences}
+    return {"out": str(out), "clips": total, "classes": list(emotions), "splits": splits}
