@@ -12,7 +12,7 @@ import typer
 
 from dsfuse.choices import FeedForward, Fusion, LabelScheme, SpeakerBy, SplitBy
 from dsfuse.cli.common import (CheckpointOpt, DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, RunOutOpt,
-                               SeedOpt, command, expand_inputs, for_each_input, given_options, report_training,
+                               SeedOpt, choice_metavar, command, expand_inputs, for_each_input, given_options, report_training,
                                tabulate_each_input)
 from dsfuse.report import console, emit_json, print_table
 
@@ -47,7 +47,7 @@ def train(
                                                "frame from their clips (speakers as --split-by names them): "
                                                "the model hears emotion relative to the voice. predict then "
                                                "needs several clips per speaker (see its --speaker-by).")] = False,
-    fusion: Annotated[Fusion, typer.Option("--fusion", help="Fuse the audio with the transcript beside each clip "
+    fusion: Annotated[Fusion, typer.Option("--fusion", metavar=choice_metavar(Fusion), help="Fuse the audio with the transcript beside each clip "
                                            "(clip.wav + clip.txt) by this strategy; clips without one are left "
                                            "out.")] = "none",
     resume: ResumeOpt = False,

@@ -10,14 +10,10 @@ import typer
 
 from dsfuse import choices
 from dsfuse.cli.common import (DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, RunOutOpt, SeedOpt,
-                               command, expand_inputs, given_options, report_training, tabulate_each_input)
+                               choice_metavar, command, expand_inputs, given_options, report_training,
+                               tabulate_each_input)
 from dsfuse.errors import UsageError
 from dsfuse.report import console, emit_json, print_table
-
-
-def listing(choice: object) -> str:
-    """A choice's values as an option's metavar, spaced so a narrow `--help` wraps between values, not inside one."""
-    return "{" + ", ".join(choices.values(choice)) + "}"
 
 
 app = typer.Typer(help="Classify videos: train on class folders, predict per file, make a synthetic dataset.",
@@ -28,7 +24,7 @@ app = typer.Typer(help="Classify videos: train on class folders, predict per fil
 def train(
     data: Annotated[Path, typer.Argument(help="A folder with one sub-folder of videos per class.")],
     out: RunOutOpt = None,
-    backbone: Annotated[choices.Backbone, typer.Option("--backbone", metavar=listing(choices.Backbone),
+    backbone: Annotated[choices.Backbone, typer.Option("--backbone", metavar=choice_metavar(choices.Backbone),
                                                        help="The video encoder.")] = "small3d",
     pretrained: Annotated[bool, typer.Option("--pretrained", help="Start from Kinetics-400 weights in the local "
                                                                   "torch hub cache (never downloaded).")] = False,
@@ -43,7 +39,7 @@ def train(
     eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate every N steps (0: at the end).")] = 0,
     workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")] = 0,
     fusion: Annotated[choices.Fusion, typer.Option(
-        "--fusion", metavar=listing(choices.Fusion), help="Fuse the frames with the video's soundtrack by this "
+        "--fusion", metavar=choice_metavar(choices.Fusion), help="Fuse the frames with the video's soundtrack by this "
                                                           "strategy (none: frames alone).")] = "none",
     compare_fusion: Annotated[bool, typer.Option("--compare-fusion", help="Train every fusion strategy into "
                                                                           "OUT/<strategy> and tabulate them.")] = False,
@@ -87,7 +83,7 @@ def predict(
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="A trained model.safetensors "
                                                                               "or run directory.")] = None,
     backbone: Annotated[choices.PretrainedBackbone | None, typer.Option(
-        "--backbone", metavar=listing(choices.PretrainedBackbone),
+        "--backbone", metavar=choice_metavar(choices.PretrainedBackbone),
         help="With --pretrained: the Kinetics-400 model.")] = None,
     pretrained: Annotated[bool, typer.Option("--pretrained", help="Use torchvision's Kinetics-400 weights from "
                                                                   "the local torch hub cache.")] = False,

@@ -64,6 +64,13 @@ def command(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def choice_metavar(choice: object) -> str:
+    """A choice's values as an option's metavar, spaced so a narrow `--help` wraps between values, not inside one."""
+    from dsfuse.choices import values
+
+    return "{" + ", ".join(values(choice)) + "}"
+
+
 def given_options() -> set[str]:
     """The parameters of the running command given on its command line (not left at their defaults):
     what `--resume` checks against the run's recorded options."""

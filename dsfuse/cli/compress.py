@@ -9,7 +9,8 @@ import typer
 
 from dsfuse import choices
 from dsfuse.choices import CompressMethod
-from dsfuse.cli.common import (DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt, command, expand_inputs,
+from dsfuse.cli.common import (DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt, choice_metavar, command,
+                               expand_inputs,
                                tabulate_each_input)
 from dsfuse.errors import UsageError
 from dsfuse.report import console, emit_json, print_table
@@ -19,7 +20,7 @@ from dsfuse.report import console, emit_json, print_table
 def compress_tokens(
     inputs: Annotated[list[str], typer.Argument(help="Images, tokens files (tokenize-image), .safetensors/.npy "
                                                      "[N, D] tensors, folders, globs, or - for paths on stdin.")],
-    method: Annotated[CompressMethod | None, typer.Option("--method", "-m", help="The compression method.")] = None,
+    method: Annotated[CompressMethod | None, typer.Option("--method", "-m", metavar=choice_metavar(CompressMethod), help="The compression method.")] = None,
     ratio: Annotated[float, typer.Option("--ratio", "-r", help="Tokens in per token out.", min=1)] = 4.0,
     checkpoint: Annotated[list[Path] | None, typer.Option(
         "--checkpoint", "-c", help="A vqvae tokenizer (needed for images and tokens files) and/or trained compressor "

@@ -19,9 +19,9 @@ from typing import Annotated, Any
 
 import typer
 
-from dsfuse.cli.common import (DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, command, console, emit_json,
-                               print_table)
+from dsfuse.cli.common import DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, command
 from dsfuse.errors import UsageError
+from dsfuse.report import console, emit_json, print_table
 
 
 @dataclass

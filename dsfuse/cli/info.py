@@ -7,7 +7,8 @@ from importlib.metadata import PackageNotFoundError, version
 import typer
 
 from dsfuse import __version__
-from dsfuse.cli.common import DebugOpt, DeviceOpt, JsonOpt, QuietOpt, command, console, emit_json, print_table
+from dsfuse.cli.common import DebugOpt, DeviceOpt, JsonOpt, QuietOpt, command
+from dsfuse.report import console, emit_json, print_table
 
 PACKAGES = ["torch", "torchvision", "torchaudio", "av", "soundfile", "numpy", "safetensors", "typer"]
 
