@@ -27,3 +27,11 @@ class InputError(DsfuseError):
     """One input (file) could not be processed: exit code 1, the others go on."""
 
     exit_code = 1
+
+
+class ConfigError(ValueError):
+    """A model config refusing a value; `field` names the field at fault, so a task can name its option."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
