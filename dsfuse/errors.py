@@ -35,3 +35,7 @@ class ConfigError(ValueError):
     def __init__(self, message: str, field: str):
         super().__init__(message)
         self.field = field
+
+    def as_usage_error(self) -> UsageError:
+        """The refusal as a command reports it: naming the option spelled like the field."""
+        return UsageError(str(self), "--" + self.field.replace("_", "-"))

@@ -68,7 +68,7 @@ def model_config(options: TokenizerOptions) -> VQVAEConfig:
     try:
         return VQVAEConfig(**{name: getattr(options, name) for name in DEFAULTS})
     except ConfigError as e:
-        raise UsageError(str(e), "--" + e.field.replace("_", "-")) from None
+        raise e.as_usage_error() from None
 
 
 def train(options: TokenizerOptions, out: Path, *, resume: bool = False, force: bool = False,
