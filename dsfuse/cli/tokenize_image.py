@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -12,6 +12,9 @@ from dsfuse.cli.common import (CheckpointOpt, DebugOpt, DeviceOpt, ForceOpt, Jso
                                expand_inputs, for_each_input)
 from dsfuse.errors import InputError, UsageError
 from dsfuse.report import console, emit_json, error_line, print_table
+
+if TYPE_CHECKING:  # heavy: imported where used
+    from dsfuse.tasks.tokenizer import ImageTokenizer, OutputNames
 
 
 @command
@@ -68,7 +71,8 @@ def each_image(images: list[str], process: Callable[[Path], dict[str, Any]], fin
         finish()
 
 
-def tokenize_images(tokenizer, images: list[str], out: Path | None, json: bool, quiet: bool, force: bool) -> None:
+def tokenize_images(tokenizer: ImageTokenizer, images: list[str], out: Path | None, json: bool, quiet: bool,
+                    force: bool) -> None:
     from dsfuse.data.tokens import check_token_path, write_tokens
     from dsfuse.io import check_writable
 
@@ -97,7 +101,8 @@ def tokenize_images(tokenizer, images: list[str], out: Path | None, json: bool, 
     each_image(images, tokenize, finish, json, quiet, "tokenize")
 
 
-def reconstruct_images(tokenizer, images: list[str], names, json: bool, quiet: bool) -> None:
+def reconstruct_images(tokenizer: ImageTokenizer, images: list[str], names: OutputNames, json: bool,
+                       quiet: bool) -> None:
     from dsfuse.tasks.tokenizer import mean_scores
 
     records = []
@@ -121,7 +126,7 @@ def reconstruct_images(tokenizer, images: list[str], names, json: bool, quiet: b
     each_image(images, reconstruct, finish, json, quiet, "reconstruct")
 
 
-def decode_tokens_file(tokenizer, tokens_path: Path, names, json: bool) -> None:
+def decode_tokens_file(tokenizer: ImageTokenizer, tokens_path: Path, names: OutputNames, json: bool) -> None:
     failed, written = 0, 0
     for grid in tokenizer.read_tokens(tokens_path):
         try:

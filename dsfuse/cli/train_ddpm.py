@@ -63,9 +63,9 @@ def train_ddpm(
     options = diffusion.DiffusionOptions(
         data=data, tokenizer=tokenizer, image_size=image_size, steps=steps, batch_size=batch_size, lr=lr,
         schedule=schedule, objective=objective, min_snr=min_snr, class_conditional=class_conditional,
-        label_dropout=label_dropout, base_channels=base_channels, channel_mults=int_list(channel_mults, "--channel-mults"),
-        res_blocks=res_blocks, attention=int_list(attention, "--attention"), dropout=dropout, ema_decay=ema_decay,
-        sample_every=sample_every, seed=seed)
+        label_dropout=label_dropout, base_channels=base_channels, res_blocks=res_blocks, dropout=dropout,
+        channel_mults=int_list(channel_mults, "--channel-mults"), attention=int_list(attention, "--attention"),
+        ema_decay=ema_decay, sample_every=sample_every, seed=seed)
     result, summary = diffusion.train(options, runs.run_dir_for(out, diffusion.TASK, resume), resume=resume,
                                       force=force, explicit=given_options(), device=device, quiet=quiet)
     report_training(result, summary, json)

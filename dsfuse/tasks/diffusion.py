@@ -158,10 +158,7 @@ def train(options: DiffusionOptions, out: Path, *, resume: bool = False, force: 
         seed_everything(options.seed)
         net = UNet(net_cfg)
     if not quiet:
-        console.print(f"train-ddpm: {len(images)} {'latents' if setup.latent else 'images'} "
-                      f"{tuple(images.shape[1:])}, {len(classes) or 'no'} classes, "
-                      f"UNet {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
-                      f"{setup.schedule} schedule, {setup.objective} objective, on {torch_device}")
+        console.print(f"train-ddpm: {describe_run(images, classes, net, setup)}, on {torch_device}")
     meta = CheckpointMeta.of(KIND, net_cfg, classes=tuple(classes), options=options.record(),
                              setup=dataclasses.asdict(setup))
     result = fit(net, TensorDataset(images, labels), denoising_loss(options, setup, net_cfg.num_classes),
@@ -171,6 +168,13 @@ def train(options: DiffusionOptions, out: Path, *, resume: bool = False, force: 
     return result, {"loss": result.metrics.get("loss"), "images": len(images), "classes": classes,
                     "latent": setup.latent, "samples": str(run_dir / "samples.png"),
                     "checkpoint": str(run_dir / "model.safetensors")}
+
+
+def describe_run(images: torch.Tensor, classes: list[str], net: nn.Module, setup: DiffusionSetup) -> str:
+    """One line on what a run trains: its data, classes, network size, schedule and objective."""
+    return (f"{len(images)} {'latents' if setup.latent else 'images'} {tuple(images.shape[1:])}, "
+            f"{len(classes) or 'no'} classes, UNet {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, "
+            f"{setup.schedule} schedule, {setup.objective} objective")
 
 
 def denoising_loss(options: DiffusionOptions, setup: DiffusionSetup, num_classes: int) -> LossFn:
@@ -252,9 +256,10 @@ def sample(checkpoint: str | Path, out: Path, options: SampleOptions, *, device:
 
     seed_everything(options.seed)
     started = time.perf_counter()
+    generator = torch.Generator(torch_device).manual_seed(options.seed)
     images = model.generate(options.n, sampler=options.sampler, steps=options.steps, eta=options.eta, labels=labels,
-                            guidance=options.guidance, generator=torch.Generator(torch_device).manual_seed(options.seed),
-                            batch_size=options.batch_size, progress=not quiet)
+                            guidance=options.guidance, generator=generator, batch_size=options.batch_size,
+                            progress=not quiet)
     seconds = time.perf_counter() - started
     files = [] if grid_only else write_images(images, labels, model.classes, out)
     save_grid(images, grid_path)
@@ -267,5 +272,6 @@ def sample(checkpoint: str | Path, out: Path, options: SampleOptions, *, device:
 def write_images(images: torch.Tensor, labels: torch.Tensor | None, classes: list[str], folder: Path) -> list[str]:
     """One PNG per image, named by its index and (conditional models) its class: 0_7.png, 1_7.png, ..."""
     width = len(str(len(images) - 1))
-    names = [f"{i:0{width}d}" + (f"_{classes[int(labels[i])]}" if labels is not None else "") for i in range(len(images))]
-    return [str(save_png(image, folder / f"{name}.png")) for name, image in zip(names, images)]
+    suffixes = [f"_{classes[int(label)]}" for label in labels] if labels is not None else [""] * len(images)
+    return [str(save_png(image, folder / f"{i:0{width}d}{suffix}.png"))
+            for i, (image, suffix) in enumerate(zip(images, suffixes))]
