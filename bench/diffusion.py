@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dsfuse.data.digits import load_digits, split_digits, write_digit_folders  # noqa: E402
 from dsfuse.device import select_device  # noqa: E402
 from dsfuse.diffusion.pipeline import DiffusionModel, load_diffusion  # noqa: E402
+from dsfuse.tasks.diffusion import DiffusionOptions, train  # noqa: E402
 
 console = Console(stderr=True)
 # (sampler, steps, eta): DDIM-50 both deterministic and half-stochastic, whose fresh noise washes out
@@ -134,10 +134,9 @@ def forward_seconds(run_forward, repeats: int) -> float:
 
 def train_small_model(run: Path, data: Path, steps: int, device: str) -> None:
     console.print(f"training a small model for {steps} steps -> {run}")
-    subprocess.run([sys.executable, "-m", "dsfuse", "train-ddpm", str(data), "--out", str(run), "--class-conditional",
-                    "--steps", str(steps), "--batch-size", "32", "--lr", "1e-3", "--base-channels", "32",
-                    "--channel-mults", "1,2,2", "--res-blocks", "1", "--attention", "8", "--sample-every", "0",
-                    "--device", device, "--force"], check=True)
+    options = DiffusionOptions(data=data, class_conditional=True, steps=steps, batch_size=32, lr=1e-3,
+                               base_channels=32, channel_mults=(1, 2, 2), res_blocks=1, attention=(8,), sample_every=0)
+    train(options, run, force=True, device=device)
 
 
 def main() -> None:
@@ -173,7 +172,7 @@ def main() -> None:
 def report(model: DiffusionModel, args, device, train_x, train_y, held_x, held_y, checkpoint) -> None:
     cfg = model.net.config
     console.print(f"model: {checkpoint} ({sum(p.numel() for p in model.net.parameters()) / 1e6:.2f}M parameters, "
-                  f"{cfg.image_size}px, classes {model.setup.classes or 'none'}) on {device}")
+                  f"{cfg.image_size}px, classes {model.classes or 'none'}) on {device}")
     classifier = train_classifier(train_x, train_y)
     held_probs, _ = judge(classifier, held_x)
     console.print(f"classifier: held-out accuracy {float((held_probs.argmax(1) == held_y).float().mean()):.3f}")

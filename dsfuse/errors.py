@@ -27,3 +27,15 @@ class InputError(DsfuseError):
     """One input (file) could not be processed: exit code 1, the others go on."""
 
     exit_code = 1
+
+
+class ConfigError(ValueError):
+    """A model config refusing a value; `field` names the field at fault, so a task can name its option."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+    def as_usage_error(self) -> UsageError:
+        """The refusal as a command reports it: naming the option spelled like the field."""
+        return UsageError(str(self), "--" + self.field.replace("_", "-"))

@@ -6,12 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from dsfuse.diffusion import SAMPLERS, SCHEDULES, NoiseSchedule, Objective, diffusion_loss, make_sampler, sample
+from dsfuse.choices import Sampler, Schedule, values
+from dsfuse.diffusion import NoiseSchedule, Objective, diffusion_loss, make_sampler, sample
 from dsfuse.diffusion.samplers import guided_output
 from dsfuse.models.unet import UNet, UNetConfig
 
 
-@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("name", values(Schedule))
 def test_schedules_go_from_signal_to_noise(name):
     abar = NoiseSchedule.make(name, 1000).alphas_cumprod
     assert abar.shape == (1000,)
@@ -20,7 +21,7 @@ def test_schedules_go_from_signal_to_noise(name):
 
 
 def test_unknown_schedule_is_refused():
-    with pytest.raises(ValueError, match="unknown schedule"):
+    with pytest.raises(ValueError, match="schedule must be one of linear, cosine, sigmoid"):
         NoiseSchedule.make("quadratic")
 
 
@@ -174,7 +175,34 @@ def test_a_few_steps_of_training_reduce_the_loss(objective_name):
 
 def test_every_sampler_is_known_by_name():
     schedule = NoiseSchedule.make("cosine")
-    for name in SAMPLERS:
+    for name in values(Sampler):
         assert make_sampler(name, schedule, Objective("eps"), 5).timesteps.numel() == 5
-    with pytest.raises(ValueError, match="unknown sampler"):
+    with pytest.raises(ValueError, match=r"sampler must be one of ddpm, ddim, dpm\+\+"):
         make_sampler("euler", schedule, Objective("eps"), 5)
+
+
+def test_unet_config_refuses_a_side_the_levels_cannot_halve():
+    from dsfuse.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="divisible by 2\\^2") as refused:
+        UNetConfig(image_size=18, channel_mults=(1, 2, 2))
+    assert refused.value.field == "channel_mults"
+
+
+def test_a_pipeline_reads_its_setup_and_class_names_from_the_checkpoint_record(tmp_path):
+    from dsfuse.checkpoint import CheckpointMeta, save_checkpoint
+    from dsfuse.diffusion.pipeline import load_diffusion
+    from dsfuse.errors import UsageError
+
+    cfg = UNetConfig(image_size=8, base_channels=16, channel_mults=(1,), num_res_blocks=1, attention_resolutions=(),
+                     num_classes=2)
+    net = UNet(cfg)
+    for name, fields, refusal in (("bare", {}, "no diffusion setup"),
+                                  ("nameless", {"setup": {"schedule": "linear"}}, "no class names")):
+        save_checkpoint(tmp_path / f"{name}.safetensors", net, CheckpointMeta.of("unet", cfg, **fields))
+        with pytest.raises(UsageError, match=refusal):
+            load_diffusion(tmp_path / f"{name}.safetensors")
+    save_checkpoint(tmp_path / "named.safetensors", net,
+                    CheckpointMeta.of("unet", cfg, classes=("a", "b"), setup={"schedule": "linear"}))
+    model = load_diffusion(tmp_path / "named.safetensors")
+    assert model.classes == ["a", "b"] and model.setup.schedule == "linear" and model.conditional

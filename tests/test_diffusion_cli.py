@@ -43,7 +43,7 @@ def test_train_writes_a_samplable_run_with_grids_and_classes(trained):
     assert record["step"] == 6 and record["classes"] == ["discs", "shapes"] and record["images"] == 12
     meta = read_metadata(run)
     assert meta.kind == "unet" and list(meta.classes) == ["discs", "shapes"]
-    assert meta["extra"]["diffusion"]["schedule"] == "cosine" and meta.config["image_size"] == 16
+    assert meta.setup["schedule"] == "cosine" and meta.config["image_size"] == 16
     for name in ("samples_000003.png", "samples_000006.png", "samples.png", "curves.png", "train_state.pt"):
         assert (run / name).is_file(), name
     grid = np.asarray(Image.open(run / "samples.png"))
@@ -105,12 +105,17 @@ def test_latent_mode_trains_on_tokenizer_latents_and_samples_through_its_decoder
     assert json_lines(proc.stdout)[0]["latent"] is True
     meta = read_metadata(run)
     assert meta.config["in_channels"] == 4 and meta.config["image_size"] == 4  # 16 px / 4
-    assert meta["extra"]["diffusion"]["tokenizer"] == "tokenizer.safetensors"
-    assert read_metadata(run / "tokenizer.safetensors")["kind"] == "vqvae", "the run keeps its own tokenizer"
+    assert meta.setup["tokenizer"] == "tokenizer.safetensors"
+    assert read_metadata(run / "tokenizer.safetensors").kind == "vqvae", "the run keeps its own tokenizer"
     out = tmp_path / "latent-samples"
     proc = run_cli("sample", "-c", run, "--out", out, "--n", "2", "--steps", "3", "-q", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert Image.open(out / "0.png").size == (16, 16), "decoded back to pixels"
+    resumed = run_cli("train-ddpm", data, "--out", run, "--steps", "4", "--resume", "--json", *TINY_UNET)
+    assert resumed.returncode == 0, resumed.stderr  # through the run's own tokenizer, at the run's latent scale
+    assert json_lines(resumed.stdout)[0]["latent"] is True and read_metadata(run).setup == meta.setup
+    assert_one_line_error(run_cli("train-ddpm", data, "--out", unet_run, "--steps", "7", "--resume", "--tokenizer",
+                                  tokenizer, "-q"), 2, "--tokenizer")
 
     (run / "tokenizer.safetensors").unlink()
     assert_one_line_error(run_cli("sample", "-c", run, "--out", tmp_path / "x.png"), 2, "tokenizer.safetensors")

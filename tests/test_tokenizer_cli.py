@@ -81,12 +81,13 @@ def test_train_vqvae_end_to_end(tmp_path, messy_folder):
 
 
 @pytest.mark.slow
-def test_train_vqvae_fsq(tmp_path):
-    proc = cli("train-vqvae", SAMPLES / "generated", "--out", tmp_path / "fsq", "--quantizer", "fsq",
-               "--steps", "3", "--json", *TINY)
+def test_train_vqvae_fsq_into_the_default_run_dir(tmp_path):
+    proc = run_cli("train-vqvae", SAMPLES / "generated", "--quantizer", "fsq", "--steps", "3", "--json", *TINY,
+                   cwd=tmp_path, env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["quantizer"] == "fsq" and summary["codebook_size"] == 64  # levels [8, 8]
+    assert summary["run_dir"] == "runs/tokenizer/train" and (tmp_path / summary["run_dir"] / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("args, contains", [

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from dsfuse.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
-from dsfuse.errors import UsageError
+from dsfuse.errors import ConfigError, UsageError
 from dsfuse.models.vqvae import VQVAE, VQVAEConfig
 
 
@@ -34,13 +36,26 @@ def test_shapes_and_the_tokenize_decode_paths_agree(quantizer, downsample):
     assert torch.allclose(model.decode_tokens(tokens), model.decode(z_q), atol=1e-5)
 
 
-def test_config_refuses_what_cannot_be_built():
-    with pytest.raises(ValueError, match="downsample"):
-        VQVAEConfig(downsample=32)
-    with pytest.raises(ValueError, match="multiple"):
-        VQVAEConfig(image_size=100, downsample=16)
-    with pytest.raises(ValueError, match="quantizer"):
-        VQVAEConfig(quantizer="rvq")
+@pytest.mark.parametrize("fields, field, message", [
+    ({"downsample": 32}, "downsample", "downsample"),
+    ({"image_size": 100, "downsample": 16}, "image_size", "multiple"),
+    ({"quantizer": "rvq"}, "quantizer", "quantizer must be one of vq, fsq"),
+    ({"codebook_size": 1}, "codebook_size", "at least 2"),
+    ({"quantizer": "fsq", "codebook_size": 1000}, "codebook_size", "power-of-two"),
+])
+def test_config_refuses_what_cannot_be_built_naming_the_field(fields, field, message):
+    with pytest.raises(ConfigError, match=message) as refused:
+        VQVAEConfig(**fields)
+    assert refused.value.field == field
+
+
+def test_a_preset_fills_the_options_not_given_and_the_run_records_them():
+    from dsfuse.tasks.tokenizer import TokenizerOptions
+
+    options = TokenizerOptions(data=Path("x"), preset="chameleon", codebook_size=1024).resolved()
+    assert (options.image_size, options.codebook_size, options.base_channels, options.quantizer) == (512, 1024, 128, "vq")
+    assert options.record()["image_size"] == 512
+    assert TokenizerOptions(data=Path("x")).resolved().image_size == 256
 
 
 def test_decode_tokens_refuses_ids_outside_the_codebook():

@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from dsfuse.cli.common import (CheckpointOpt, DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt, command,
-                               console, emit_json, error_line, expand_inputs, for_each_input, print_table)
+                               expand_inputs, for_each_input)
 from dsfuse.errors import InputError, UsageError
-from dsfuse.io import check_writable
+from dsfuse.report import console, emit_json, error_line, print_table
 
-
-class OutputNames:
-    """PNG paths in an output folder named after their sources, unique even when two sources share a stem."""
-
-    def __init__(self, folder: Path, force: bool):
-        if folder.exists() and not folder.is_dir():
-            raise UsageError("--out must be a folder here, and this is a file", folder)
-        self.folder, self.force, self.taken = folder, force, set()
-
-    def __call__(self, source: str) -> Path:
-        stem, n = Path(source).stem or "image", 1
-        name = f"{stem}.png"
-        while name in self.taken:
-            n += 1
-            name = f"{stem}_{n}.png"
-        self.taken.add(name)
-        return check_writable(self.folder / name, self.force)
+if TYPE_CHECKING:  # heavy: imported where used
+    from dsfuse.tasks.tokenizer import ImageTokenizer, OutputNames
 
 
 @command
@@ -55,136 +41,106 @@ def tokenize_image(
 
     Example: dsfuse tokenize-image samples/images/photos --checkpoint runs/vq --out tokens.safetensors
     """
-    import torch
+    from dsfuse.device import seed_everything
+    from dsfuse.tasks.tokenizer import ImageTokenizer, OutputNames
 
-    from dsfuse.checkpoint import load_checkpoint
-    from dsfuse.device import seed_everything, select_device
-
-    torch_device = select_device(device)
-    seed_everything(seed)
     if decode is not None and (images or reconstruct):
         raise UsageError("--decode takes a tokens file, not images or --reconstruct", "--decode")
     if decode is None and not images:
         raise UsageError("give images to tokenize, or --decode TOKENS", "IMAGES")
     if (decode is not None or reconstruct) and out is None:
         raise UsageError("--decode and --reconstruct write PNGs: give --out DIR", "--out")
-    model, _ = load_checkpoint(checkpoint, kind="vqvae", device=torch_device)
-    torch.set_grad_enabled(False)
+    seed_everything(seed)
+    tokenizer = ImageTokenizer.load(checkpoint, device)
     if decode is not None:
-        return decode_tokens_file(model, decode, out, json=json, force=force)
+        return decode_tokens_file(tokenizer, decode, OutputNames(out, force), json)
     if reconstruct:
-        return reconstruct_images(model, images, out, json=json, quiet=quiet, force=force)
-    return tokenize_images(model, images, out, json=json, quiet=quiet, force=force)
+        return reconstruct_images(tokenizer, images, OutputNames(out, force), json, quiet)
+    return tokenize_images(tokenizer, images, out, json, quiet, force)
 
 
-def run_per_file(paths: list[Path], process, json: bool, quiet: bool, desc: str) -> bool:
-    """Run `process` on every file (see for_each_input); True when some failed, so the caller can
-    still write what the others produced before exiting 1."""
-    try:
-        for _ in for_each_input(paths, process, as_json=json, quiet=quiet, desc=desc):
-            pass
-    except typer.Exit as e:
-        if e.exit_code != 1:
-            raise
-        return True
-    return False
-
-
-def _load(model, path: Path):
-    from dsfuse.data.images import load_image
-
-    return load_image(path, model.config.image_size).unsqueeze(0).to(next(model.parameters()).device)
-
-
-def tokenize_images(model, images: list[str], out: Path | None, *, json: bool, quiet: bool, force: bool) -> None:
+def each_image(images: list[str], process: Callable[[Path], dict[str, Any]], finish: Callable[[], None],
+               json: bool, quiet: bool, desc: str) -> None:
+    """`process` every image (see for_each_input), then `finish` with the successes, even when some failed."""
     from dsfuse.data.images import IMAGE_SUFFIXES
-    from dsfuse.data.tokens import TokenGrid, check_token_path, write_tokens
+
+    try:
+        for _ in for_each_input(expand_inputs(images, IMAGE_SUFFIXES), process, as_json=json, quiet=quiet, desc=desc):
+            pass
+    finally:
+        finish()
+
+
+def tokenize_images(tokenizer: ImageTokenizer, images: list[str], out: Path | None, json: bool, quiet: bool,
+                    force: bool) -> None:
+    from dsfuse.data.tokens import check_token_path, write_tokens
+    from dsfuse.io import check_writable
 
     if out is not None:
         check_writable(check_token_path(out), force)
-    fingerprint, grids = model.fingerprint(), []
+    grids = []
 
     def tokenize(path: Path) -> dict[str, Any]:
-        grid = TokenGrid(str(path), model.tokenize(_load(model, path))[0].cpu(), fingerprint, model.codebook_size)
-        grids.append(grid)
-        record = grid.to_json()
-        record.pop("file")
-        return record
+        grids.append(tokenizer.tokenize(path))
+        return {k: v for k, v in grids[-1].to_json().items() if k != "file"}
 
-    failures = run_per_file(expand_inputs(images, IMAGE_SUFFIXES), tokenize, json, quiet, "tokenize")
-    if out is not None and grids:  # the images that did tokenize are written even when others failed
-        write_tokens(out, grids)
-    if not json and grids:
-        h, w = grids[0].tokens.shape
-        print_table(f"{len(grids)} image(s) -> {h}x{w} tokens each (K={model.codebook_size})",
-                    ["file", "distinct", "first tokens"],
-                    [(g.file, int(g.tokens.unique().numel()), " ".join(map(str, g.tokens.flatten()[:8].tolist())))
-                     for g in grids])
-        if out is not None:
-            console.print(f"wrote {out}")
-    if failures:
-        raise typer.Exit(1)
+    def finish() -> None:
+        if not grids:
+            return
+        if out is not None:  # the images that did tokenize are written even when others failed
+            write_tokens(out, grids)
+        if not json:
+            h, w = grids[0].tokens.shape
+            print_table(f"{len(grids)} image(s) -> {h}x{w} tokens each (K={tokenizer.model.codebook_size})",
+                        ["file", "distinct", "first tokens"],
+                        [(g.file, int(g.tokens.unique().numel()), " ".join(map(str, g.tokens.flatten()[:8].tolist())))
+                         for g in grids])
+            if out is not None:
+                console.print(f"wrote {out}")
 
-
-def decode_tokens_file(model, tokens_path: Path, out: Path, *, json: bool, force: bool) -> None:
-    from dsfuse.data.images import save_png
-    from dsfuse.data.tokens import read_tokens
-
-    grids = read_tokens(tokens_path)
-    fingerprint = model.fingerprint()
-    if all(g.tokenizer != fingerprint for g in grids):
-        raise UsageError(f"tokens were made by another tokenizer ({grids[0].tokenizer}, this checkpoint is "
-                         f"{fingerprint})", tokens_path)
-    names, failed, written = OutputNames(out, force), 0, []
-    for grid in grids:
-        try:
-            if grid.tokenizer != fingerprint:
-                raise InputError(f"tokens of {grid.file} were made by another tokenizer ({grid.tokenizer})", tokens_path)
-            low, high = int(grid.tokens.min()), int(grid.tokens.max())
-            if low < 0 or high >= model.codebook_size:
-                raise InputError(f"tokens of {grid.file} lie in [{low}, {high}], outside the codebook "
-                                 f"[0, {model.codebook_size - 1}]", tokens_path)
-            image = model.decode_tokens(grid.tokens.unsqueeze(0).to(next(model.parameters()).device))[0]
-            target = save_png(image, names(grid.file))
-        except InputError as e:
-            failed += 1
-            error_line(e)
-            continue
-        written.append(target)
-        if json:
-            emit_json({"file": grid.file, "out": str(target), "grid": list(grid.tokens.shape)})
-    if not json and written:
-        console.print(f"decoded {len(written)} image(s) into {out}")
-    if failed:
-        raise typer.Exit(1)
+    each_image(images, tokenize, finish, json, quiet, "tokenize")
 
 
-def reconstruct_images(model, images: list[str], out: Path, *, json: bool, quiet: bool, force: bool) -> None:
-    from dsfuse.data.images import IMAGE_SUFFIXES, save_png
-    from dsfuse.metrics import psnr, ssim
+def reconstruct_images(tokenizer: ImageTokenizer, images: list[str], names: OutputNames, json: bool,
+                       quiet: bool) -> None:
+    from dsfuse.tasks.tokenizer import mean_scores
 
-    names = OutputNames(out, force)
-    scores: list[tuple[str, float, float]] = []
+    records = []
 
     def reconstruct(path: Path) -> dict[str, Any]:
-        original = _load(model, path)
-        target = names(str(path))
-        image = model.decode_tokens(model.tokenize(original)).clamp(-1, 1)
-        save_png(image[0], target)
-        p, s = float(psnr(image, original)[0]), float(ssim(image, original)[0])
-        scores.append((str(path), p, s))
-        return {"out": str(target), "psnr": round(p, 3), "ssim": round(s, 4)}
+        record = tokenizer.reconstruct(path, names(str(path)))
+        records.append({"file": str(path), **record})
+        return record
 
-    failures = run_per_file(expand_inputs(images, IMAGE_SUFFIXES), reconstruct, json, quiet, "reconstruct")
-    if scores:
-        overall = {"images": len(scores), "psnr": round(sum(s[1] for s in scores) / len(scores), 3),
-                   "ssim": round(sum(s[2] for s in scores) / len(scores), 4)}
+    def finish() -> None:
+        if not records:
+            return
+        overall = mean_scores(records)
         if json:
             emit_json({"overall": overall})
         else:
-            print_table(f"reconstructions in {out}", ["file", "PSNR dB", "SSIM"],
-                        [*scores, ("overall", overall["psnr"], overall["ssim"])])
-    if failures:
+            print_table(f"reconstructions in {names.folder}", ["file", "PSNR dB", "SSIM"],
+                        [*((r["file"], r["psnr"], r["ssim"]) for r in records),
+                         ("overall", overall["psnr"], overall["ssim"])])
+
+    each_image(images, reconstruct, finish, json, quiet, "reconstruct")
+
+
+def decode_tokens_file(tokenizer: ImageTokenizer, tokens_path: Path, names: OutputNames, json: bool) -> None:
+    failed, written = 0, 0
+    for grid in tokenizer.read_tokens(tokens_path):
+        try:
+            record = tokenizer.decode(grid, names(grid.file), tokens_path)
+        except InputError as e:  # one grid's failure: the others go on
+            failed += 1
+            error_line(e)
+            continue
+        written += 1
+        if json:
+            emit_json(record)
+    if not json and written:
+        console.print(f"decoded {written} image(s) into {names.folder}")
+    if failed:
         raise typer.Exit(1)
 
 

@@ -3,9 +3,8 @@
 A sampler knows the schedule and what the network predicts; the network knows nothing about either.
 """
 
-from dsfuse.diffusion.objectives import OBJECTIVES, Objective, diffusion_loss
-from dsfuse.diffusion.samplers import SAMPLERS, make_sampler, sample
-from dsfuse.diffusion.schedules import SCHEDULES, NoiseSchedule
+from dsfuse.diffusion.objectives import Objective, diffusion_loss
+from dsfuse.diffusion.samplers import make_sampler, sample
+from dsfuse.diffusion.schedules import NoiseSchedule
 
-__all__ = ["OBJECTIVES", "Objective", "diffusion_loss", "SAMPLERS", "make_sampler", "sample", "SCHEDULES",
-           "NoiseSchedule"]
+__all__ = ["Objective", "diffusion_loss", "make_sampler", "sample", "NoiseSchedule"]

@@ -39,11 +39,13 @@ def keep_tokenizer(checkpoint: str | Path, run_dir: Path) -> str:
 
 @torch.no_grad()
 def encode_latents(tokenizer: nn.Module, images: torch.Tensor, device: torch.device, quiet: bool = False,
-                   batch_size: int = 128) -> tuple[torch.Tensor, float]:
-    """Encode images [N, 3, H, W] to latents [N, C, h, w] scaled to unit variance; returns (latents, scale)."""
+                   batch_size: int = 128, scale: float | None = None) -> tuple[torch.Tensor, float]:
+    """Encode images [N, 3, H, W] to latents [N, C, h, w] divided by `scale`, by default the one that gives
+    them unit variance (a resumed run passes the scale it was trained with); returns (latents, scale)."""
     latents = []
     for start in tqdm(range(0, len(images), batch_size), desc="encode latents", leave=False, disable=quiet):
         latents.append(tokenizer.encode(images[start:start + batch_size].to(device)).float().cpu())
     z = torch.cat(latents)
-    scale = float(z.std().clamp_min(1e-6))  # like Stable Diffusion's scale factor: unit-variance latents
+    if scale is None:
+        scale = float(z.std().clamp_min(1e-6))  # like Stable Diffusion's scale factor: unit-variance latents
     return z / scale, scale

@@ -8,20 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsfuse import choices
 from dsfuse.diffusion.schedules import NoiseSchedule
-
-OBJECTIVES = ("eps", "v", "x0")
 
 
 @dataclass(frozen=True)
 class Objective:
     """A prediction target: eps (the noise), v = alpha eps - sigma x0 (Salimans & Ho 2022), or x0."""
 
-    name: str
+    name: choices.Objective
 
     def __post_init__(self) -> None:
-        if self.name not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.name!r}; choose from {', '.join(OBJECTIVES)}")
+        choices.check(self.name, choices.Objective, "objective")
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if self.name == "eps":

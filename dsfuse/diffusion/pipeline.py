@@ -1,16 +1,16 @@
 """A trained diffusion model together with what it needs to sample: schedule, objective, class names
-and, in latent mode, the tokenizer that decodes its latents. Shared by `train-ddpm`, `sample` and bench.
+and, in latent mode, the tokenizer that decodes its latents. Shared by the diffusion task and bench.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from dsfuse import choices
 from dsfuse.diffusion.objectives import Objective
 from dsfuse.diffusion.samplers import make_sampler, sample
 from dsfuse.diffusion.schedules import NoiseSchedule
@@ -20,21 +20,14 @@ TOKENIZER_FILE = "tokenizer.safetensors"
 
 @dataclass
 class DiffusionSetup:
-    """Everything about a diffusion model that is not its weights; stored in the checkpoint's metadata."""
+    """Everything about a diffusion model that is neither its weights nor its classes: the checkpoint's
+    `CheckpointMeta.setup` (`dataclasses.asdict` of this)."""
 
-    schedule: str = "cosine"
-    objective: str = "eps"
+    schedule: choices.Schedule = "cosine"
+    objective: choices.Objective = "eps"
     timesteps: int = 1000
-    classes: list[str] = field(default_factory=list)
     latent_scale: float = 1.0  # latents are divided by this so they have unit variance, like pixels
     tokenizer: str | None = None  # file name of the tokenizer checkpoint beside the model (latent mode)
-
-    def to_meta(self) -> dict[str, Any]:
-        return {"diffusion": asdict(self), "classes": self.classes}
-
-    @classmethod
-    def from_meta(cls, extra: dict[str, Any]) -> DiffusionSetup:
-        return cls(**extra.get("diffusion", {}))
 
     @property
     def latent(self) -> bool:
@@ -46,18 +39,20 @@ class DiffusionSetup:
 
 @dataclass
 class DiffusionModel:
-    """A denoiser, its setup and (latent mode) the decoder from latents to pixels."""
+    """A denoiser, its setup, its class names (a conditional model's labels) and (latent mode) the
+    decoder from latents to pixels."""
 
     net: nn.Module
     setup: DiffusionSetup
     tokenizer: nn.Module | None = None
+    classes: list[str] = field(default_factory=list)
 
     @property
     def conditional(self) -> bool:
         return bool(self.net.config.num_classes)
 
     @torch.no_grad()
-    def generate(self, n: int, *, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
+    def generate(self, n: int, *, sampler: choices.Sampler = "ddim", steps: int = 50, eta: float = 0.0,
                  labels: torch.Tensor | None = None, guidance: float = 1.0, generator: torch.Generator | None = None,
                  batch_size: int = 64, progress: bool = False) -> torch.Tensor:
         """n images [n, 3, H, W] in [-1, 1], drawn in batches; labels [n] (None: unconditional)."""
@@ -90,11 +85,14 @@ def load_diffusion(checkpoint: str | Path, device: torch.device | str = "cpu") -
 
     path = resolve_checkpoint(checkpoint)
     net, meta = load_checkpoint(path, kind="unet", device=device)
-    setup = DiffusionSetup.from_meta(meta["extra"])
+    if not meta.setup:
+        raise UsageError("checkpoint has no diffusion setup (schedule, objective) in its metadata", path)
+    setup = DiffusionSetup(**meta.setup)
+    classes = meta.class_names(path) if net.config.num_classes else []
     tokenizer = None
     if setup.tokenizer:
         tokenizer_path = path.parent / setup.tokenizer
         if not tokenizer_path.is_file():
             raise UsageError(f"latent model without its tokenizer: {setup.tokenizer} must sit beside it", path)
         tokenizer, _ = load_checkpoint(tokenizer_path, kind="vqvae", device=device)
-    return DiffusionModel(net, setup, tokenizer)
+    return DiffusionModel(net, setup, tokenizer, classes)

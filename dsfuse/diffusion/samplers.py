@@ -14,10 +14,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dsfuse import choices
 from dsfuse.diffusion.objectives import Objective
 from dsfuse.diffusion.schedules import NoiseSchedule
-
-SAMPLERS = ("ddpm", "ddim", "dpm++")
 
 
 class Sampler(ABC):
@@ -136,17 +135,16 @@ class DPMSolverPlusPlus2M(Sampler):
         return sigma_ratio * x - math.sqrt(abar_s) * math.expm1(-h) * data
 
 
-def make_sampler(name: str, schedule: NoiseSchedule, objective: Objective, steps: int,
+def make_sampler(name: choices.Sampler, schedule: NoiseSchedule, objective: Objective, steps: int,
                  eta: float = 0.0, clip_x0: float | None = 1.0) -> Sampler:
     """A sampler by name (ddpm, ddim, dpm++) with `steps` timesteps set."""
+    choices.check(name, choices.Sampler, "sampler")
     if name == "ddpm":
         sampler: Sampler = DDPMSampler(schedule, objective, clip_x0)
     elif name == "ddim":
         sampler = DDIMSampler(schedule, objective, clip_x0, eta=eta)
-    elif name == "dpm++":
-        sampler = DPMSolverPlusPlus2M(schedule, objective, clip_x0)
     else:
-        raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+        sampler = DPMSolverPlusPlus2M(schedule, objective, clip_x0)
     sampler.set_timesteps(steps)
     return sampler
 

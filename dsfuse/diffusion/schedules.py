@@ -6,11 +6,12 @@ x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, with abar_t falling from ~1 to ~0
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-SCHEDULES = ("linear", "cosine", "sigmoid")
+from dsfuse.choices import Schedule, check
 
 
 def linear_alphas_cumprod(steps: int) -> torch.Tensor:
@@ -43,7 +44,8 @@ def sigmoid_alphas_cumprod(steps: int, start: float = -3.0, end: float = 3.0, ta
     return _from_alpha_bar(alpha_bar, steps)
 
 
-_BUILDERS = {"linear": linear_alphas_cumprod, "cosine": cosine_alphas_cumprod, "sigmoid": sigmoid_alphas_cumprod}
+_BUILDERS: dict[Schedule, Callable[[int], torch.Tensor]] = {
+    "linear": linear_alphas_cumprod, "cosine": cosine_alphas_cumprod, "sigmoid": sigmoid_alphas_cumprod}
 
 
 @dataclass
@@ -53,10 +55,8 @@ class NoiseSchedule:
     alphas_cumprod: torch.Tensor  # [T], float64
 
     @classmethod
-    def make(cls, name: str, steps: int = 1000) -> NoiseSchedule:
-        if name not in _BUILDERS:
-            raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}")
-        return cls(_BUILDERS[name](steps))
+    def make(cls, name: Schedule, steps: int = 1000) -> NoiseSchedule:
+        return cls(_BUILDERS[check(name, Schedule, "schedule")](steps))
 
     @property
     def num_steps(self) -> int:
@@ -67,10 +67,6 @@ class NoiseSchedule:
         abar = self.alphas_cumprod.to(like.device)[t.long()].to(like.dtype)
         abar = abar.reshape(-1, *([1] * (like.ndim - 1)))
         return abar.sqrt(), (1 - abar).sqrt()
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        alpha, sigma = self.coefficients(t, x0)
-        return alpha * x0 + sigma * noise
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio abar_t / (1 - abar_t) per timestep."""

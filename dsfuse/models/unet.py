@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from dsfuse.errors import ConfigError
+
 
 @dataclass
 class UNetConfig:
@@ -28,6 +30,14 @@ class UNetConfig:
     head_channels: int = 32
     dropout: float = 0.1
     num_classes: int = 0  # 0: unconditional; otherwise label `num_classes` is the null class
+
+    def __post_init__(self) -> None:
+        self.channel_mults = tuple(self.channel_mults)
+        self.attention_resolutions = tuple(self.attention_resolutions)
+        halvings = len(self.channel_mults) - 1
+        if self.image_size % 2 ** halvings:
+            raise ConfigError(f"image side {self.image_size} must be divisible by 2^{halvings} (one halving per "
+                              "extra level)", "channel_mults")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from dsfuse.choices import Quantizer, values
+from dsfuse.errors import ConfigError
 from dsfuse.nn.quantize import FSQ, Quantized, VectorQuantizer, fsq_levels
 
-QUANTIZERS = ("vq", "fsq")
 DOWNSAMPLE_FACTORS = (4, 8, 16)
 
 
@@ -31,7 +32,7 @@ class VQVAEConfig:
     downsample: int = 16  # F: a token stands for an F x F patch
     codebook_size: int = 8192  # K (fsq rounds it to its levels' product, see VQVAE.codebook_size)
     latent_channels: int = 16  # channels of the continuous latent z that encode() returns
-    quantizer: str = "vq"  # "vq" (EMA codebook) or "fsq"
+    quantizer: Quantizer = "vq"  # "vq" (EMA codebook) or "fsq"
     base_channels: int = 64
     channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # width per resolution level, from full size down
     res_blocks: int = 1  # residual blocks per level
@@ -41,17 +42,23 @@ class VQVAEConfig:
     cosine: bool = False  # vq: l2-normalised codes and inputs
 
     def __post_init__(self) -> None:
+        """Refuse what cannot be built, with a ConfigError naming the field at fault."""
         self.channel_mult = tuple(self.channel_mult)
-        if self.quantizer not in QUANTIZERS:
-            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if self.quantizer not in values(Quantizer):
+            raise ConfigError(f"quantizer must be one of {', '.join(values(Quantizer))}, got {self.quantizer!r}",
+                              "quantizer")
         if self.downsample not in DOWNSAMPLE_FACTORS:
-            raise ValueError(f"downsample must be one of {DOWNSAMPLE_FACTORS}, got {self.downsample}")
+            raise ConfigError(f"downsample must be one of {DOWNSAMPLE_FACTORS}, got {self.downsample}", "downsample")
         if self.image_size % self.downsample:
-            raise ValueError(f"image size {self.image_size} is not a multiple of downsample {self.downsample}")
+            raise ConfigError(f"image size {self.image_size} is not a multiple of downsample {self.downsample}",
+                              "image_size")
         if self.codebook_size < 2:
-            raise ValueError(f"codebook size must be at least 2, got {self.codebook_size}")
+            raise ConfigError(f"codebook size must be at least 2, got {self.codebook_size}", "codebook_size")
         if self.quantizer == "fsq":
-            fsq_levels(self.codebook_size)  # raises for a size it cannot make
+            try:
+                fsq_levels(self.codebook_size)
+            except ValueError as e:
+                raise ConfigError(str(e), "codebook_size") from None
 
     @property
     def widths(self) -> list[int]:
