@@ -106,10 +106,20 @@ def read_metadata(path: str | os.PathLike) -> CheckpointMeta:
         raise UsageError("not a dsfuse checkpoint (no kind/config metadata)", path)
     fields = {name: _json_field(raw, name, default, path)
               for name, default in (("config", {}), ("classes", []), ("options", {}), ("setup", {}))}
+    if "extra" in raw and "classes" not in raw:
+        fields.update(_legacy_fields(_json_field(raw, "extra", {}, path)))
     if not all(isinstance(c, str) for c in fields["classes"]):
         raise UsageError("checkpoint metadata 'classes' is not a list of names", path)
     return CheckpointMeta(raw["kind"], fields["config"], tuple(fields["classes"]), fields["options"],
                           fields["setup"], raw.get("dsfuse", "unknown"))
+
+
+def _legacy_fields(extra: dict[str, Any]) -> dict[str, Any]:
+    """dsfuse 0.1.0 kept class names, run options and the pipeline setup in one untyped `extra` dict."""
+    options = {name: extra.pop(name) for name in ("labels", "speaker_norm") if name in extra}
+    classes = extra.pop("classes", [])
+    return {"classes": classes if isinstance(classes, list) else [], "options": options,
+            "setup": extra.get("diffusion", extra)}
 
 
 def _json_field(raw: dict[str, str], name: str, default: Any, path: Path) -> Any:

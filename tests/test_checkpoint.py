@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -112,3 +114,14 @@ def test_every_registered_kind_points_at_a_model_with_a_config():
     for kind in MODEL_KINDS:
         cls = model_class(kind)
         assert hasattr(cls, "Config"), kind
+
+
+def test_checkpoints_of_dsfuse_0_1_keep_their_class_names_options_and_setup(tmp_path):
+    from safetensors.torch import save_model
+
+    path = tmp_path / "old.safetensors"
+    extra = {"classes": ["angry", "calm"], "labels": "ravdess", "speaker_norm": True, "diffusion": {"schedule": "cosine"}}
+    save_model(ToyRegressor(ToyConfig()), str(path), metadata={"kind": "toy", "config": "{}", "extra": json.dumps(extra)})
+    meta = read_metadata(path)
+    assert meta.classes == ("angry", "calm") and meta.options == {"labels": "ravdess", "speaker_norm": True}
+    assert meta.setup == {"schedule": "cosine"}

@@ -11,9 +11,9 @@ from typing import Annotated, Any
 
 import typer
 
-from dsfuse.cli.common import (DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt, command, console,
-                               emit_json, error_line, print_table, warn)
+from dsfuse.cli.common import DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt, command
 from dsfuse.errors import DsfuseError, UsageError
+from dsfuse.report import console, emit_json, error_line, print_table, warn
 
 REPL_HELP = "/tools lists the tools, /reset forgets the conversation, /save PATH writes the transcript, /exit quits"
 

@@ -18,7 +18,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from dsfuse.errors import DsfuseError, InputError, UsageError
-from dsfuse.report import console, emit_json, error_line, format_value, print_table, warn  # noqa: F401 (re-exported)
+from dsfuse.report import emit_json, error_line, print_table
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: the same seed repeats a run on the same device.")]
