@@ -217,6 +217,7 @@ def image_set(count: int, size: int, seed: int) -> torch.Tensor:
 def quality_table(args: argparse.Namespace, contenders: list[str]) -> list[dict]:
     from torch.utils.data import TensorDataset
 
+    from dsfuse.checkpoint import CheckpointMeta
     from dsfuse.engine import TrainConfig, fit
 
     torch.set_num_threads(args.threads)
@@ -226,12 +227,12 @@ def quality_table(args: argparse.Namespace, contenders: list[str]) -> list[dict]
     rows = []
     for contender in contenders:
         model = build(contender, cfg, args.seed)
-        train_cfg = TrainConfig(steps=args.steps, batch_size=args.train_batch, lr=args.lr, warmup_steps=args.steps // 10,
-                                seed=args.seed, quiet=True, log_every=args.steps)
+        train_cfg = TrainConfig(steps=args.steps, batch_size=args.train_batch, lr=args.lr, seed=args.seed, quiet=True,
+                                log_every=args.steps)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as run_dir:
             fit(model, TensorDataset(train), lambda m, batch: training_loss(m, batch[0]), train_cfg, run_dir,
-                kind="vqvae", config=cfg, device=torch.device(args.device))
+                meta=CheckpointMeta.of("vqvae", cfg), device=torch.device(args.device))
         model.eval()
         metrics, _ = evaluate_tokenizer(model, held_out.to(args.device))
         rows.append({"contender": contender, **metrics, "codes": model.codebook_size,

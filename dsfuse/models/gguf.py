@@ -103,7 +103,7 @@ def load_gguf_llama(path: Path, use_cache: bool = True) -> tuple[Llama, Any]:
     """The model (eval mode, float32, CPU) and tokenizer in a GGUF file, via the cache when it has them."""
     from tokenizers import Tokenizer
 
-    from dsfuse.checkpoint import load_checkpoint, save_checkpoint
+    from dsfuse.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
     from dsfuse.io import write_text
 
     stat = path.stat()
@@ -123,7 +123,8 @@ def load_gguf_llama(path: Path, use_cache: bool = True) -> tuple[Llama, Any]:
     tokenizer = tokenizer_from_gguf(reader)
     if use_cache:
         try:
-            save_checkpoint(cached / "model.safetensors", model, "llama", cfg, extra={"source": str(path)})
+            save_checkpoint(cached / "model.safetensors", model,
+                            CheckpointMeta.of("llama", cfg, setup={"source": str(path)}))
             write_text(cached / "tokenizer.json", tokenizer.to_str())
         except OSError:
             pass  # a read-only cache only costs speed next time
