@@ -86,7 +86,8 @@ def write_video(
         audio_stream = _add_audio_stream(container, planar.shape[0], sample_rate) if planar is not None else None
         audio_done = 0
         for index, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            # converted here, not inside encode(): PyAV's implicit conversion there is not repeatable
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format="yuv420p")
             frame.pts = index
             container.mux(video.encode(frame))
             if audio_stream is not None:  # interleave: the audio that plays up to the end of this frame
