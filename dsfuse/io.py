@@ -12,20 +12,30 @@ from pathlib import Path
 from dsfuse.errors import UsageError
 
 
+TMP_SUFFIX = ".tmp"
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and some writers) make 0600; outputs get the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, names: list[str]) -> None:
+    """Delete the temporaries that a killed atomic_path left beside `folder`/NAME for each of `names`."""
+    for name in names:
+        for leftover in Path(folder).glob(f".{name}.*{TMP_SUFFIX}"):
+            leftover.unlink(missing_ok=True)
 
 
 def _umask() -> int:
