@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,6 +56,27 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj: object) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+OUTPUT_MARKER = ".dsfuse-output"  # in every folder a command makes whole: what --force may replace
+
+
+def claim_output_folder(folder: str | os.PathLike, force: bool) -> Path:
+    """A new, empty output folder at `folder`. With --force an earlier output folder of dsfuse's (it
+    holds OUTPUT_MARKER) is replaced; a folder holding anything else is never deleted."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError("the output is a file, not a folder", folder)
+    if folder.exists() and any(folder.iterdir()):
+        if not force:
+            raise UsageError("output folder is not empty; pass --force to replace it", folder)
+        if not (folder / OUTPUT_MARKER).is_file():
+            raise UsageError("output folder holds files dsfuse did not write; --force replaces only a folder "
+                             "dsfuse made, so give a new or empty folder", folder)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / OUTPUT_MARKER).write_text("written by dsfuse; --force may replace this folder\n")
+    return folder
 
 
 def check_writable(path: str | os.PathLike, force: bool) -> Path:
