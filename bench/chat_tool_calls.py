@@ -33,6 +33,7 @@ def main() -> None:
 
     from dsfuse.agent.local import LocalBackend
     from dsfuse.agent.loop import SYSTEM_PROMPT
+    from dsfuse.agent.boundary import Boundary
     from dsfuse.agent.tools import build_tools, parse_arguments, run_tool, validate_arguments
     from dsfuse.report import print_table
 
@@ -55,7 +56,7 @@ def main() -> None:
         if call is not None and call.name == "tokenize-image":
             called += 1
             arguments = validate_arguments(tools[call.name], parse_arguments(call.arguments))
-            result = run_tool(tools[call.name], arguments, Path.cwd())
+            result = run_tool(tools[call.name], arguments, Boundary.at(Path.cwd()))
             ran += result.get("exit_code") == 0
         output = result.get("output")
         grid = output.get("grid") if isinstance(output, dict) else None

@@ -132,11 +132,30 @@ def _json_field(raw: dict[str, str], name: str, default: Any, path: Path) -> Any
     return value
 
 
-def build_model(meta: CheckpointMeta) -> torch.nn.Module:
+def build_model(meta: CheckpointMeta, device: torch.device | str = "cpu") -> torch.nn.Module:
     """Rebuild the model a checkpoint's metadata describes, from its config alone."""
     cls = model_class(meta.kind)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
-    return cls(cls.Config(**{k: v for k, v in meta.config.items() if k in fields}))
+    try:
+        config = cls.Config(**{k: v for k, v in meta.config.items() if k in fields})
+        with torch.device(device):
+            return cls(config)
+    except (TypeError, ValueError) as e:  # a config no model of this kind can have
+        raise UsageError(f"checkpoint config does not describe a {meta.kind} model "
+                         f"({str(e).splitlines()[0][:200]})") from None
+
+
+def check_weights_fit(meta: CheckpointMeta, path: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose config asks for tensors its file does not hold, before any memory is
+    spent on them: the model is built on the meta device and its shapes compared with the file's header."""
+    expected = {name: tuple(t.shape) for name, t in build_model(meta, "meta").state_dict().items()}
+    with safe_open(str(path), framework="pt") as f:
+        present = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    for name, shape in expected.items():
+        if name not in present:
+            raise UsageError(f"checkpoint lacks the tensor {name} its config needs", path)
+        if present[name] != shape:
+            raise UsageError(f"tensor {name} has shape {list(present[name])}, the config needs {list(shape)}", path)
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str | tuple[str, ...] | None = None,
@@ -145,6 +164,7 @@ def load_checkpoint(path: str | os.PathLike, kind: str | tuple[str, ...] | None 
     path = resolve_checkpoint(path)
     meta = read_metadata(path)
     check_kind(meta, kind, path)
+    check_weights_fit(meta, path)
     model = build_model(meta)
     try:
         _load_weights(model, str(path), strict=True, device=str(device))

@@ -65,3 +65,21 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on `device` (CUDA: free device memory; else free RAM)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf: do not refuse
+        return 1 << 62
+
+
+def check_memory(needed: int, device: torch.device, what: str, option: str) -> None:
+    """Refuse, in one line naming `option`, work whose tensors would not fit in the memory left."""
+    free = available_memory(device)
+    if needed > free:
+        raise UsageError(f"{what} needs about {needed / 2**30:.1f} GiB, and {device.type} has "
+                         f"{free / 2**30:.1f} GiB free", option)

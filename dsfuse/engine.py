@@ -323,12 +323,13 @@ class Trainer:
         return self.ema.module if self.ema else self.model
 
     def save(self) -> None:
-        """Write train_state.pt and model.safetensors atomically (main process only)."""
+        """Write model.safetensors, then train_state.pt, each atomically (main process only): a kill between
+        the two leaves the state a step behind the model, and --resume redoes that step."""
         if not self.dist.is_main:
             return
+        save_checkpoint(self.run_dir / MODEL_FILE, self.inference_model(), self.meta)
         with atomic_path(self.run_dir / STATE_FILE) as tmp:
             torch.save(self.state_dict(), tmp)
-        save_checkpoint(self.run_dir / MODEL_FILE, self.inference_model(), self.meta)
 
     # ---- metrics
     def _rewrite_metrics(self, records: Sequence[Mapping[str, Any]]) -> None:
@@ -403,7 +404,9 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=start, desc=f"train {self.meta.kind}", unit="step", dynamic_ncols=True,
                    disable=cfg.quiet or not self.dist.is_main, leave=False)
         t0, window_t, window_n = time.perf_counter(), time.perf_counter(), 0
-        metrics: dict[str, float] = {}
+        logged = [r for r in read_metrics(self.run_dir) if "loss" in r] if start >= cfg.steps else []
+        # a finished run resumed for no more steps: report its last logged numbers
+        metrics: dict[str, float] = {k: v for k, v in logged[-1].items() if k != "step"} if logged else {}
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint) if in_main_thread else None
         try:

@@ -6,6 +6,7 @@ stdout carries only `--json` results, so pipelines stay clean; everything for a 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,9 +28,21 @@ def warn(message: str, quiet: bool = False) -> None:
 
 
 def emit_json(obj: Any) -> None:
-    """One JSON object on one line of stdout."""
-    sys.stdout.write(json.dumps(obj, default=_json_default) + "\n")
+    """One JSON object on one line of stdout; NaN and infinities (not JSON) become null."""
+    sys.stdout.write(json.dumps(_finite(obj), default=_json_default, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def _finite(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):  # tensors and numpy values
+        obj = obj.tolist()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _json_default(obj: Any) -> Any:

@@ -19,8 +19,9 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from dsfuse.checkpoint import MODEL_FILE, CheckpointMeta, check_kind, read_metadata
+from dsfuse.checkpoint import MODEL_FILE, CheckpointMeta, check_kind, check_weights_fit, read_metadata
 from dsfuse.errors import UsageError
+from dsfuse.io import remove_stale_temporaries
 
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -73,6 +74,7 @@ def resume_options(options: O, run_dir: str | os.PathLike, kind: str | tuple[str
         raise UsageError(f"nothing to resume: no {STATE_FILE}", run_dir)
     meta = read_metadata(run_dir / MODEL_FILE)
     check_kind(meta, kind, run_dir)
+    check_weights_fit(meta, run_dir / MODEL_FILE)
     hints = typing.get_type_hints(type(options))
     current = options.record()
     adopted: dict[str, Any] = {}
@@ -104,4 +106,5 @@ def prepare_run_dir(run_dir: str | os.PathLike, resume: bool, force: bool) -> Pa
         for name in (STATE_FILE, MODEL_FILE, METRICS_FILE):
             (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir, [STATE_FILE, MODEL_FILE, METRICS_FILE])  # from a run killed mid-save
     return run_dir

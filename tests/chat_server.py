@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -21,6 +22,7 @@ class Reply:
     body: dict[str, Any] | None = None  # JSON body for an error status
     headers: dict[str, str] = field(default_factory=dict)
     drop_after: int | None = None  # close the connection after this many events, mid-stream
+    delay: float = 0.0  # seconds before each event
 
 
 def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
@@ -72,6 +74,7 @@ class ScriptedServer:
                         self.close_connection = True
                         self.wfile.flush()
                         return  # no terminating chunk: the client sees the body cut short
+                    time.sleep(reply.delay)
                     data = (event + "\n\n").encode()
                     self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
                     self.wfile.flush()

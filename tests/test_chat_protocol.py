@@ -11,6 +11,7 @@ import pytest
 
 from chat_server import Reply, ScriptedServer, chunk, text_reply
 from conftest import assert_one_line_error, run_cli
+from dsfuse.agent.boundary import Boundary
 from dsfuse.agent.client import ApiError, ChatClient, read_api_key, resolve_model
 from dsfuse.agent.loop import Agent, Transcript
 from dsfuse.agent.tools import build_tools
@@ -113,7 +114,13 @@ def test_key_file_must_be_private(tmp_path, monkeypatch):
     key.chmod(0o600)
     assert read_api_key(key) == "sk-file"
     monkeypatch.setenv("DEEPSEEK_API_KEY", "sk-env")
-    assert read_api_key(key) == "sk-env"
+    assert read_api_key(key) == "sk-file"  # the explicit file wins over the environment
+    assert read_api_key(None) == "sk-env"
+
+
+def refuse(argv, overwrites) -> bool:
+    """No user at the terminal: every command that writes is declined."""
+    return False
 
 
 def test_agent_runs_tools_and_sends_reasoning_back(tmp_path):
@@ -121,7 +128,8 @@ def test_agent_runs_tools_and_sends_reasoning_back(tmp_path):
     replies = [split_tool_call_reply(), text_reply("There is one text file: notes.txt.")]
     with ScriptedServer(replies) as server:
         log = tmp_path / "t.jsonl"
-        agent = Agent(client(server.url, think=True), build_tools(), tmp_path, Transcript(log, {}))
+        agent = Agent(client(server.url, think=True), build_tools(), Boundary.at(tmp_path), Transcript(log, {}),
+                      refuse)
         reply = agent.ask("Which text files are here?")
     assert reply.answer == "There is one text file: notes.txt." and reply.rounds == 1
     listed = reply.tool_calls[0]["result"]
@@ -144,7 +152,8 @@ def test_tool_round_cap_forces_an_answer(tmp_path):
                                                                                    "arguments": "{}"}}]}),
                          chunk({}, "tool_calls"), "data: [DONE]"])
     with ScriptedServer([call, call, text_reply("enough")]) as server:
-        agent = Agent(client(server.url), build_tools(), tmp_path, Transcript(None, {}), max_rounds=2)
+        agent = Agent(client(server.url), build_tools(), Boundary.at(tmp_path), Transcript(None, {}), refuse,
+                      max_rounds=2)
         reply = agent.ask("loop")
     assert reply.rounds == 2 and reply.answer == "enough"
     assert "tools" in server.requests[1] and "tools" not in server.requests[2]
@@ -154,7 +163,7 @@ def test_a_bad_tool_call_goes_back_to_the_model(tmp_path):
     call = Reply(events=[chunk({"tool_calls": [{"index": 0, "id": "c1", "function": {
         "name": "list_files", "arguments": '{"pattern": "../*"}'}}]}), chunk({}, "tool_calls"), "data: [DONE]"])
     with ScriptedServer([call, text_reply("sorry")]) as server:
-        agent = Agent(client(server.url), build_tools(), tmp_path, Transcript(None, {}))
+        agent = Agent(client(server.url), build_tools(), Boundary.at(tmp_path), Transcript(None, {}), refuse)
         reply = agent.ask("list the parent")
     assert "inside the working folder" in reply.tool_calls[0]["result"]["error"]
     assert "inside the working folder" in server.requests[1]["messages"][-1]["content"]
@@ -240,7 +249,8 @@ def test_repl_commands(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     failing = Reply(401, body={"error": {"message": "bad key"}})
     with ScriptedServer([text_reply("Paris."), failing]) as server:
-        agent = Agent(client(server.url), build_tools(), tmp_path, Transcript(tmp_path / "t.jsonl", {}))
+        agent = Agent(client(server.url), build_tools(), Boundary.at(tmp_path), Transcript(tmp_path / "t.jsonl", {}),
+                      refuse)
         _repl(agent, Display(as_json=False, quiet=True), quiet=True)
     out, err = capsys.readouterr()
     assert "Paris." in out and "list_files" in err and "unknown command /bogus" in err

@@ -16,6 +16,7 @@ import typer
 
 from dsfuse.agent.guided import ToolCallDecoder, Vocabulary
 from dsfuse.agent.local import mentioned_paths, render_prompt
+from dsfuse.agent.boundary import Boundary
 from dsfuse.agent.tools import ToolArgumentError, build_tools, list_files, validate_arguments
 from dsfuse.models.gguf import _unpermute_rope
 from dsfuse.models.llama import Llama, LlamaConfig, generate, sample_next
@@ -63,7 +64,7 @@ def tiny_app() -> typer.Typer:
 def test_schema_from_typer_parameters():
     tools = build_tools(tiny_app())
     assert set(tools) == {"resize-images", "audio-train", "audio-predict", "list_files"}
-    assert tools["audio-train"].argv({"data": "d"}) == ["audio", "train", "d"]
+    assert tools["audio-train"].command == ["audio", "train"]
     tool = tools["resize-images"]
     props = tool.schema["properties"]
     assert tool.description == "Resize images. Example: dsfuse resize-images a.png --out small"
@@ -75,10 +76,12 @@ def test_schema_from_typer_parameters():
     assert tool.spec()["function"]["name"] == "resize-images"
 
 
-def test_arguments_map_back_to_the_command_line():
+def test_arguments_map_back_to_the_command_line(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
     tool = build_tools(tiny_app())["resize-images"]
-    args = validate_arguments(tool, {"images": "a.png", "out": "o", "steps": 3, "think": False, "force": True})
-    assert tool.argv(args) == ["resize-images", "a.png", "--out", "o", "--steps", "3", "--no-think", "--force"]
+    args = validate_arguments(tool, {"images": "a.png", "out": "o", "steps": 3, "think": False})
+    assert Boundary.at(tmp_path).check_call(tool, args).argv == ["resize-images", "--out", "o", "--steps", "3",
+                                                                  "--no-think", "--", "a.png"]
 
 
 @pytest.mark.parametrize("arguments, words", [
@@ -96,10 +99,13 @@ def test_list_files_stays_inside_the_folder(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "a" / "b" / "x.png").write_bytes(b"")
     (tmp_path / ".hidden").write_text("")
-    assert list_files("**/*", tmp_path)["files"] == ["a/b/x.png"]
+    (tmp_path / "a" / "etc").symlink_to("/etc")
+    (tmp_path / "a" / "passwd.png").symlink_to("/etc/passwd")
+    assert list_files("**/*", Boundary.at(tmp_path))["files"] == ["a/b/x.png"]
+    assert list_files("a/etc/*", Boundary.at(tmp_path))["files"] == []
     for pattern in ("../*", "/etc/*"):
         with pytest.raises(ToolArgumentError):
-            list_files(pattern, tmp_path)
+            list_files(pattern, Boundary.at(tmp_path))
 
 
 # ---------------------------------------------------------------- guided decoding with a toy vocabulary

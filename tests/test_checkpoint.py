@@ -125,3 +125,33 @@ def test_checkpoints_of_dsfuse_0_1_keep_their_class_names_options_and_setup(tmp_
     meta = read_metadata(path)
     assert meta.classes == ("angry", "calm") and meta.options == {"labels": "ravdess", "speaker_norm": True}
     assert meta.setup == {"schedule": "cosine"}
+
+
+def test_a_config_the_file_does_not_back_is_refused_before_building(tmp_path):
+    """A 400-byte file claiming a 10^8-code codebook: refused from the header, nothing allocated."""
+    import resource
+
+    from dsfuse.models.vqvae import VQVAE, VQVAEConfig
+
+    cfg = VQVAEConfig(image_size=32, downsample=8, codebook_size=64, base_channels=8, latent_channels=4)
+    path = save_checkpoint(tmp_path / "vq.safetensors", VQVAE(cfg), CheckpointMeta.of("vqvae", cfg))
+    bomb = CheckpointMeta.of("vqvae", {**read_metadata(path).config, "codebook_size": 100_000_000})
+    save_checkpoint(tmp_path / "bomb.safetensors", VQVAE(cfg), bomb)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(UsageError, match=r"tensor quantizer\..* has shape \[64, 4\], the config needs \[100000000, 4\]"):
+        load_checkpoint(tmp_path / "bomb.safetensors")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: far below 1.6 GB
+    missing = CheckpointMeta.of("vqvae", {**read_metadata(path).config, "base_channels": 16})
+    save_checkpoint(tmp_path / "wide.safetensors", torch.nn.Linear(1, 1), missing)
+    with pytest.raises(UsageError, match="lacks the tensor"):
+        load_checkpoint(tmp_path / "wide.safetensors")
+
+
+def test_outputs_get_the_usual_permissions(saved):
+    import os
+    import stat
+
+    _, path = saved
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -86,3 +87,30 @@ def test_per_file_table_still_shows_the_successes_when_some_inputs_fail(tmp_path
     assert failed.value.exit_code == 1 and shown == [("a.txt", 3), ("b.txt", 6)]
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 2 and "not readable" in errors[0] and "not found" in errors[1]
+
+
+def test_json_output_is_always_valid_json(capsys):
+    import math
+
+    import torch
+
+    from dsfuse.report import emit_json
+
+    emit_json({"a": math.nan, "b": [math.inf, 1.5], "t": torch.tensor([1.0, float("nan")]), "n": torch.tensor(2.0)})
+    assert json.loads(capsys.readouterr().out) == {"a": None, "b": [None, 1.5], "t": [1.0, None], "n": 2.0}
+
+
+def test_unwritable_outputs_and_unreadable_checkpoints_are_usage_errors(tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = run_cli("classify-video", "make-dataset", tmp_path / "file" / "sub", "--per-class", "1")
+    assert_one_line_error(proc, 2, str(tmp_path / "file"))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root writes anywhere: nothing to test
+            return
+        proc = run_cli("classify-video", "make-dataset", locked / "out", "--per-class", "1")
+        assert_one_line_error(proc, 2, "Permission denied")
+    finally:
+        locked.chmod(0o700)

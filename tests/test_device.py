@@ -51,3 +51,14 @@ def test_seed_repeats():
     a = torch.randn(4)
     seed_everything(7)
     assert torch.equal(a, torch.randn(4))
+
+
+def test_work_larger_than_memory_is_refused_in_one_line():
+    import torch
+
+    from dsfuse.device import available_memory, check_memory
+
+    cpu = torch.device("cpu")
+    check_memory(1 << 20, cpu, "routing", "--tokens")
+    with pytest.raises(UsageError, match=r"routing needs about .* GiB free \(--tokens\)"):
+        check_memory(available_memory(cpu) * 2, cpu, "routing", "--tokens")

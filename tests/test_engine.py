@@ -51,6 +51,18 @@ def test_n_steps_then_resume_equals_2n_steps(tmp_path):
     assert steps == list(range(1, 13)), "metrics after resume continue without gaps or repeats"
 
 
+def test_a_killed_save_leaves_nothing_that_later_runs_trip_on(tmp_path):
+    make_trainer(tmp_path, steps=4).fit()
+    stale = tmp_path / ".train_state.pt.abc123.tmp"
+    stale.write_bytes(b"")  # what SIGKILL during a save leaves
+    mine = tmp_path / ".notes.tmp"
+    mine.write_text("the user's")
+    prepare_run_dir(tmp_path, resume=True, force=False)
+    assert not stale.exists() and mine.exists()
+    resumed = make_trainer(tmp_path, steps=4).fit(resume=True)  # nothing left to train: its last numbers
+    assert resumed.step == 4 and resumed.metrics["loss"] is not None
+
+
 def test_training_reduces_loss_and_writes_run_files(tmp_path):
     trainer = make_trainer(tmp_path, steps=60, ema_decay=0.9)
     result = trainer.fit()

@@ -50,8 +50,9 @@ def resolve_model(model: str, think: bool | None) -> tuple[str, bool | None]:
 
 
 def read_api_key(key_file: Path | None = None) -> str | None:
-    """The key from DEEPSEEK_API_KEY, else from the key file, which must be private (mode 0600)."""
-    if os.environ.get(KEY_ENV, "").strip():
+    """The key from an explicit key file, else DEEPSEEK_API_KEY, else the default key file; a key file
+    must be private (mode 0600)."""
+    if key_file is None and os.environ.get(KEY_ENV, "").strip():
         return os.environ[KEY_ENV].strip()
     path = (key_file or KEY_FILE).expanduser()
     if not path.is_file():
@@ -65,6 +66,25 @@ def read_api_key(key_file: Path | None = None) -> str | None:
     if not key:
         raise UsageError("key file is empty", path)
     return key
+
+
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
+
+
+def check_base_url(url: str, allow_http: bool = False) -> str:
+    """A usable server URL: http(s) with a host; plain http only to this machine unless `allow_http`
+    (the key travels as a Bearer token)."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as e:
+        raise UsageError(f"not a URL ({_reason(e)})", "--base-url") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise UsageError(f"expected an http:// or https:// URL with a host, got {url!r}", "--base-url")
+    loopback = parsed.host in LOOPBACK_HOSTS or parsed.host.startswith("127.")
+    if parsed.scheme == "http" and not loopback and not allow_http:
+        raise UsageError("refusing to send the API key over plain http to another machine; use https, "
+                         "or pass --allow-http", "--base-url")
+    return url
 
 
 @dataclass
@@ -108,6 +128,7 @@ class ChatClient:
     max_retries: int = 4
     backoff: float = 1.0  # seconds before the first retry; doubles each time
     max_tokens: int | None = None
+    deadline: float = 600.0  # seconds one answer may take in all, keep-alives or not
 
     @property
     def name(self) -> str:
@@ -141,8 +162,8 @@ class ChatClient:
                         continue
                     if response.status_code != 200:
                         response.read()
-                        raise ApiError(_status_message(response), url)
-                    return _read_stream(response, on_delta)
+                        raise ApiError(self._redact(_status_message(response)), url)
+                    return _read_stream(response, on_delta, self.timeout, self.deadline)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as e:  # before any reply
                 if attempt == self.max_retries:
                     raise ApiError(f"cannot reach the server ({_reason(e)})", url) from None
@@ -152,16 +173,30 @@ class ChatClient:
             time.sleep(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
+    def _redact(self, text: str) -> str:
+        """An error text without the API key, should a server echo it back."""
+        return text.replace(self.api_key, "[API key]") if self.api_key else text
 
-def _read_stream(response: httpx.Response, on_delta: DeltaHandler | None) -> AssistantTurn:
-    """Assemble a streamed turn: content, reasoning_content and tool-call fragments keyed by index."""
+
+def _read_stream(response: httpx.Response, on_delta: DeltaHandler | None, idle: float = 60.0,
+                 deadline: float = 600.0) -> AssistantTurn:
+    """Assemble a streamed turn: content, reasoning_content and tool-call fragments keyed by index.
+
+    Fails after `idle` seconds without data (keep-alive comments do not count) or `deadline` in all."""
     turn = AssistantTurn()
     calls: dict[int, dict[str, str]] = {}
     done = False
+    started = last_data = time.monotonic()
     try:
         for line in response.iter_lines():
+            now = time.monotonic()
+            if now - started > deadline:
+                raise ApiError(f"the answer took longer than the deadline of {deadline:g} s (--deadline)")
             if not line.startswith("data:"):
+                if now - last_data > idle:
+                    raise ApiError(f"the server sent no data for {idle:g} s, only keep-alives (--timeout)")
                 continue  # blank separators, ": keep-alive" comments, event:/id: fields
+            last_data = now
             data = line[5:].strip()
             if data == "[DONE]":
                 done = True

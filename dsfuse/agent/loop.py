@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from dsfuse.agent.boundary import Boundary
 from dsfuse.agent.client import AssistantTurn, DeltaHandler, ToolCall
-from dsfuse.agent.tools import Tool, ToolArgumentError, parse_arguments, result_text, run_tool, validate_arguments
+from dsfuse.agent.tools import (Tool, ToolArgumentError, check_call, parse_arguments, result_text, run_tool,
+                                validate_arguments)
 from dsfuse.io import write_text
 
 SYSTEM_PROMPT = (
@@ -32,8 +34,8 @@ class Backend(Protocol):
                  on_delta: DeltaHandler | None = None) -> AssistantTurn: ...
 
 
-# confirm(tool, arguments) -> run it?
-Confirm = Callable[[Tool, dict[str, Any]], bool]
+# confirm(argv, overwrites) -> run it? (argv after `dsfuse`; overwrites: existing paths it would write)
+Confirm = Callable[[list[str], list[Path]], bool]
 # on_tool(call_record) after each tool call, for display
 ToolHandler = Callable[[dict[str, Any]], None]
 
@@ -43,6 +45,7 @@ class Reply:
     answer: str
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     rounds: int = 0
+    stopped: str | None = None  # which limit ended the turn before the model answered on its own
 
 
 class Transcript:
@@ -66,10 +69,12 @@ class Transcript:
 class Agent:
     backend: Backend
     tools: dict[str, Tool]
-    cwd: Path
+    boundary: Boundary  # the folder tool calls are confined to
     transcript: Transcript
-    confirm: Confirm | None = None  # None: run file-writing commands without asking (--yes)
+    confirm: Confirm  # asked before a command writes (with `yes`: only before it writes over something)
+    yes: bool = False
     max_rounds: int = 6
+    max_tool_calls: int = 12  # per question, all rounds together
     tool_timeout: float = 600
     result_chars: int = 4000  # how much of a tool's output the model reads
     messages: list[dict[str, Any]] = field(default_factory=list)
@@ -81,34 +86,54 @@ class Agent:
         """Forget the conversation (the transcript keeps it, marked by a reset line)."""
         if self.messages:
             self.transcript.add({"type": "reset"})
-        self.messages = [{"role": "system", "content": SYSTEM_PROMPT.format(cwd=self.cwd)}]
+        self.messages = [{"role": "system", "content": SYSTEM_PROMPT.format(cwd=self.boundary.root)}]
 
     def _add(self, message: dict[str, Any]) -> None:
         self.messages.append(message)
         self.transcript.add(message)
 
     def ask(self, question: str, on_delta: DeltaHandler | None = None, on_tool: ToolHandler | None = None) -> Reply:
-        """One user turn: model turns and tool rounds until an answer without tool calls (or the cap)."""
+        """One user turn: model turns and tool rounds until an answer without tool calls, or a limit.
+
+        Every assistant message with tool calls is followed by a reply to each call (a call not run says
+        why), so the history stays valid for the next question whatever ended this one.
+        """
         self._add({"role": "user", "content": question})
         specs = [tool.spec() for tool in self.tools.values()]
         reply = Reply("")
         while True:
-            capped = reply.rounds >= self.max_rounds
+            capped = reply.rounds >= self.max_rounds or len(reply.tool_calls) >= self.max_tool_calls
             turn = self.backend.complete(self.messages, None if capped else specs, on_delta)
             self._add(turn.to_message())
-            if not turn.tool_calls or capped:
+            if not turn.tool_calls:
                 reply.answer = turn.content.strip()
+                if capped:
+                    reply.stopped = self._limit_reached(reply)
                 return reply
             reply.rounds += 1
             for call in turn.tool_calls:
+                if capped or len(reply.tool_calls) >= self.max_tool_calls:
+                    reason = self._limit_reached(reply)
+                    self._add({"role": "tool", "tool_call_id": call.id, "content": json.dumps(
+                        {"error": f"not run: {reason}"})})
+                    continue
                 record = self._call_tool(call)
                 reply.tool_calls.append(record)
                 if on_tool:
                     on_tool(record)
-                self._add({"role": "tool", "tool_call_id": call.id, "content": result_text(record["result"], self.result_chars)})
+                self._add({"role": "tool", "tool_call_id": call.id,
+                           "content": result_text(record["result"], self.result_chars)})
+            if capped:  # the model kept calling tools after the last round: stop here, history consistent
+                reply.answer, reply.stopped = turn.content.strip(), self._limit_reached(reply)
+                return reply
+
+    def _limit_reached(self, reply: Reply) -> str:
+        if len(reply.tool_calls) >= self.max_tool_calls:
+            return f"the limit of {self.max_tool_calls} tool calls per question was reached (--max-tool-calls)"
+        return f"the limit of {self.max_rounds} tool rounds per question was reached (--max-rounds)"
 
     def _call_tool(self, call: ToolCall) -> dict[str, Any]:
-        """Validate and run one call; a mistake of the model's goes back to it as the result."""
+        """Validate, confine and run one call; a mistake of the model's goes back to it as the result."""
         record: dict[str, Any] = {"id": call.id, "name": call.name, "arguments": call.arguments}
         tool = self.tools.get(call.name)
         try:
@@ -116,10 +141,12 @@ class Agent:
                 raise ToolArgumentError(f"no tool named {call.name!r}; the tools are {', '.join(self.tools)}")
             arguments = validate_arguments(tool, parse_arguments(call.arguments))
             record["arguments"] = arguments
-            if tool.writes_files and self.confirm is not None and not self.confirm(tool, arguments):
-                record["result"] = {"error": "the user declined to run this command"}
-                return record
-            record["result"] = run_tool(tool, arguments, self.cwd, self.tool_timeout)
+            if tool.writes_files:
+                checked = check_call(tool, arguments, self.boundary)
+                if (checked.overwrites or not self.yes) and not self.confirm(checked.argv, checked.overwrites):
+                    record["result"] = {"error": "the user declined to run this command"}
+                    return record
+            record["result"] = run_tool(tool, arguments, self.boundary, self.tool_timeout)
         except ToolArgumentError as e:
             record["result"] = {"error": f"invalid call: {e}"}
         return record

@@ -1,23 +1,24 @@
 """dsfuse's commands as tools: JSON schemas derived from their Typer parameters, calls run the real command.
 
-A tool call becomes `python -m dsfuse COMMAND ARGS --json -q` in the working folder, and the model
-gets back the command's JSON output (or its one error line). `list_files` lets it see the folder.
+A tool call becomes `dsfuse COMMAND ARGS --json -q` in the working folder, built and confined by
+`agent.boundary`, and the model gets back the command's JSON output (or its one error line).
+`list_files` lets it see the folder.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, get_args
 
 import typer
 
-# Options the agent always sets itself (machine-readable, quiet, no tracebacks).
-MANAGED_OPTIONS = {"json", "quiet", "debug"}
+from dsfuse.agent.boundary import Boundary, BoundaryError, CheckedCall, tool_command
+
+# Options the agent sets itself (machine-readable, quiet), and those a model may never set.
+MANAGED_OPTIONS = {"json", "quiet", "debug", "force", "help"}
 # `chat` would recurse; `demo` runs every command for minutes.
 EXCLUDED_COMMANDS = {"chat", "demo"}
 LIST_FILES = "list_files"
@@ -44,29 +45,13 @@ class Tool:
     description: str
     schema: dict[str, Any]
     params: list[Param] = field(default_factory=list)
-    writes_files: bool = False  # every command that writes outputs has --force (the CLI contract)
-    command: list[str] = field(default_factory=list)  # e.g. ["audio-emotion", "train"]; default [name]
+    command: list[str] = field(default_factory=list)  # e.g. ["audio-emotion", "train"]
+    writes_files: bool = False
 
     def spec(self) -> dict[str, Any]:
         """The OpenAI `tools` entry."""
         return {"type": "function", "function": {"name": self.name, "description": self.description,
                                                   "parameters": self.schema}}
-
-    def argv(self, arguments: dict[str, Any]) -> list[str]:
-        """The command line for validated `arguments` (see `validate_arguments`)."""
-        args = list(self.command or [self.name])
-        for param in self.params:
-            if param.name not in arguments or arguments[param.name] is None:
-                continue
-            value = arguments[param.name]
-            if param.flag is None:
-                args += [str(v) for v in (value if param.is_list else [value])]
-            elif param.is_bool:
-                args += [param.flag] if value else [param.off_flag] if param.off_flag else []
-            else:
-                for item in value if param.is_list else [value]:
-                    args += [param.flag, str(item)]
-        return args
 
 
 def _json_schema(descriptor: Any, help_text: str | None, positional: bool) -> dict[str, Any]:
@@ -105,6 +90,7 @@ def command_tool(name: str, command: Any) -> Tool:
     properties: dict[str, Any] = {}
     required: list[str] = []
     params: list[Param] = []
+    writes = any(p.name == "force" for p in command.params)  # every command that writes has --force
     for p in command.params:
         if p.name in MANAGED_OPTIONS or getattr(p, "hidden", False) or not p.expose_value:
             continue
@@ -122,15 +108,15 @@ def command_tool(name: str, command: Any) -> Tool:
         params.append(Param(p.name, flag, off, is_bool=schema.get("type") == "boolean",
                             is_list=descriptor.is_list, required=p.required))
     schema = {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
-    writes = any(p.name == "force" for p in params)
-    return Tool(name, _description(command), schema, params, writes_files=writes)
+    return Tool(name, _description(command), schema, params, [name], writes_files=writes)
 
 
 def list_files_tool() -> Tool:
     schema = {"type": "object", "additionalProperties": False, "required": [], "properties": {
         "pattern": {"type": "string", "default": "**/*",
                     "description": "A glob relative to the working folder, such as samples/**/*.png."}}}
-    return Tool(LIST_FILES, "List the files in the working folder (recursively) that match a glob pattern.", schema)
+    return Tool(LIST_FILES, "List the files in the working folder (recursively) that match a glob pattern.", schema,
+                command=[LIST_FILES])
 
 
 def build_tools(app: typer.Typer | None = None, exclude: set[str] = EXCLUDED_COMMANDS) -> dict[str, Tool]:
@@ -206,37 +192,53 @@ def _check_value(name: str, value: Any, schema: dict[str, Any]) -> Any:
     return str(value) if kind == "string" else value
 
 
-def list_files(pattern: str, cwd: Path) -> dict[str, Any]:
-    """Files under `cwd` matching `pattern`; patterns that leave the folder are refused."""
+def list_files(pattern: str, boundary: Boundary) -> dict[str, Any]:
+    """Files under the root matching `pattern`, symlinks leading out of it left out; hidden files too."""
     pattern = pattern or "**/*"
     if Path(pattern).is_absolute() or ".." in PurePath(pattern).parts:
         raise ToolArgumentError("the pattern must stay inside the working folder")
-    root = cwd.resolve()
-    found = sorted(str(p.relative_to(root)) for p in root.glob(pattern)
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    root = boundary.root
+    found = []
+    for p in root.glob(pattern):
+        relative = p.relative_to(root)
+        if any(part.startswith(".") for part in relative.parts) or not p.is_file():
+            continue
+        try:
+            boundary.path(str(relative), "pattern")
+        except BoundaryError:  # a symlink to a file outside the root
+            continue
+        found.append(str(relative))
+    found.sort()
     return {"files": found[:MAX_LISTED_FILES], "total": len(found), "truncated": len(found) > MAX_LISTED_FILES}
 
 
-def run_tool(tool: Tool, arguments: dict[str, Any], cwd: Path, timeout: float = 600) -> dict[str, Any]:
-    """Run the real command with `--json -q` and return its exit code and JSON output (or error line)."""
-    if tool.name == LIST_FILES:
-        return list_files(arguments.get("pattern", "**/*"), cwd)
-    argv = tool.argv(arguments) + ["--json", "-q"]
-    # the same dsfuse as this process, wherever it was imported from
-    package_root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+def check_call(tool: Tool, arguments: dict[str, Any], boundary: Boundary) -> CheckedCall:
+    """The confined command line of a validated call; a call across the boundary is the model's error."""
     try:
-        proc = subprocess.run([sys.executable, "-m", "dsfuse", *argv], cwd=cwd, capture_output=True,
-                              text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
+        return boundary.check_call(tool, arguments)
+    except BoundaryError as e:
+        raise ToolArgumentError(str(e)) from None
+
+
+def run_tool(tool: Tool, arguments: dict[str, Any], boundary: Boundary, timeout: float = 600) -> dict[str, Any]:
+    """Run the real command with `--json -q` in the root; return its exit code and JSON output (or error line)."""
+    if tool.name == LIST_FILES:
+        return list_files(arguments.get("pattern", "**/*"), boundary)
+    call = check_call(tool, arguments, boundary)
+    argv = [*call.argv[:call.argv.index("--")], "--json", "-q", *call.argv[call.argv.index("--"):]]
+    shown = "dsfuse " + " ".join(argv)
+    try:
+        proc = subprocess.run(tool_command(argv), cwd=boundary.root, capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL, env=boundary.environment())
     except subprocess.TimeoutExpired:
-        return {"command": "dsfuse " + " ".join(argv), "exit_code": None, "error": f"timed out after {timeout:g} s"}
+        return {"command": shown, "exit_code": None, "error": f"timed out after {timeout:g} s"}
     records = []
     for line in proc.stdout.splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-    result: dict[str, Any] = {"command": "dsfuse " + " ".join(argv), "exit_code": proc.returncode}
+    result: dict[str, Any] = {"command": shown, "exit_code": proc.returncode}
     if records:
         result["output"] = records[0] if len(records) == 1 else records
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]

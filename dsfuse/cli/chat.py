@@ -26,9 +26,9 @@ class BackendChoice(str, Enum):
 
 def _make_backend(backend: BackendChoice, base_url: str | None, model: str | None, think: bool | None,
                   key_file: Path | None, timeout: float, retries: int, device: str, temperature: float,
-                  top_p: float, max_tokens: int, seed: int) -> Any:
+                  top_p: float, max_tokens: int, seed: int, allow_http: bool) -> Any:
     from dsfuse.agent.client import (DEEPSEEK_BASE_URL, DEFAULT_MODEL, KEY_ENV, KEY_FILE, ApiError, ChatClient,
-                                     read_api_key, resolve_model)
+                                     check_base_url, read_api_key, resolve_model)
 
     key = read_api_key(key_file) if backend != BackendChoice.local else None
     if backend == BackendChoice.auto:
@@ -40,7 +40,7 @@ def _make_backend(backend: BackendChoice, base_url: str | None, model: str | Non
 
         return LocalBackend.load(device=device, temperature=temperature, top_p=top_p, max_new_tokens=max_tokens,
                                  seed=seed)
-    url = base_url or DEEPSEEK_BASE_URL
+    url = check_base_url(base_url, allow_http) if base_url else DEEPSEEK_BASE_URL
     if not key and url == DEEPSEEK_BASE_URL:
         raise ApiError(f"no API key: set {KEY_ENV} or write the key to {KEY_FILE} (mode 0600)", "--backend remote")
     name, think = resolve_model(model or DEFAULT_MODEL, think)
@@ -100,14 +100,18 @@ class Display:
         self.streamed, self.last_kind = "", ""
 
 
-def _confirm_on_terminal(tool: Any, arguments: dict[str, Any]) -> bool:
-    """Ask before a command that writes files; without a terminal to ask on, decline."""
-    line = "dsfuse " + " ".join(tool.argv(arguments))
+def _confirm_on_terminal(argv: list[str], overwrites: list[Path]) -> bool:
+    """Ask before a command writes files, showing the exact, shell-quoted command line (never as markup);
+    without a terminal to ask on, decline."""
+    import shlex
+
+    line = shlex.join(["dsfuse", *argv])
+    what = f"it writes over {', '.join(map(str, overwrites))}" if overwrites else "it writes files"
     if not sys.stdin.isatty():
-        warn(f"not running `{line}`: it writes files and there is no terminal to confirm; pass --yes")
+        warn(f"not running: {line} ({what}; there is no terminal to confirm it)")
         return False
-    answer = console.input(f"run `{line}` (it writes files)? [y/N] ")
-    return answer.strip().lower() in ("y", "yes")
+    console.print(f"run: {line}\n({what}) [y/N] ", markup=False, highlight=False, soft_wrap=True, end="")
+    return input().strip().lower() in ("y", "yes")
 
 
 def _history_file() -> Path:
@@ -161,11 +165,14 @@ def _repl_loop(agent: Any, display: Display) -> None:
             console.print(f"unknown command {line.split()[0]}; {REPL_HELP}", markup=False)
         else:
             try:
-                agent.ask(line, display.delta, display.tool)
+                reply = agent.ask(line, display.delta, display.tool)
             except DsfuseError as e:  # one failed question does not end the session
                 display.end_line()
                 error_line(e)
+                continue
             display.end_line()
+            if reply.stopped:
+                warn(f"stopped: {reply.stopped}")
 
 
 @command
@@ -182,8 +189,15 @@ def chat(
                                                "(default: the server's).")] = None,
     key_file: Annotated[Path | None, typer.Option("--key-file", help="A file holding the API key (mode 0600); "
                                                   "default: $DEEPSEEK_API_KEY, then ~/.config/dsfuse/deepseek_api_key.")] = None,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Run commands that write files without asking.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Run commands that write new files without asking (writing "
+                                      "over an existing file or folder is always asked).")] = False,
+    root: Annotated[Path | None, typer.Option("--root", help="The folder tool calls may read and write in "
+                                              "(default: the working folder).")] = None,
     max_rounds: Annotated[int, typer.Option("--max-rounds", min=0, max=50, help="Most tool rounds per question.")] = 6,
+    max_tool_calls: Annotated[int, typer.Option("--max-tool-calls", min=1, max=200, help="Most tool calls per "
+                                                "question, all rounds together.")] = 12,
+    allow_http: Annotated[bool, typer.Option("--allow-http", help="Send the key over plain http:// to a host that "
+                                             "is not this machine (https or loopback otherwise).")] = False,
     transcript: Annotated[Path | None, typer.Option("--transcript", help="Where to save the conversation as JSON "
                                                     "Lines (default: chats/chat-<UTC time>.jsonl).")] = None,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, max=2.0, help="Local sampling temperature; "
@@ -191,7 +205,9 @@ def chat(
     top_p: Annotated[float, typer.Option("--top-p", min=0.01, max=1.0, help="Local nucleus sampling mass.")] = 0.9,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=0, help="Most tokens per answer (0: the "
                                             "server's default; local: 256).")] = 0,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the server.")] = 60.0,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the server's next "
+                                           "data (keep-alive comments do not count).")] = 60.0,
+    deadline: Annotated[float, typer.Option("--deadline", min=1.0, help="Seconds one answer may take in all.")] = 600.0,
     retries: Annotated[int, typer.Option("--retries", min=0, max=10, help="Retries on 429, 5xx and timeouts.")] = 4,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -206,24 +222,30 @@ def chat(
 
     Example: dsfuse chat --yes "List the images in samples/images"
     """
+    from dsfuse.agent.boundary import Boundary
     from dsfuse.agent.loop import Agent, Transcript
     from dsfuse.agent.tools import build_tools
     from dsfuse.device import select_device
     from dsfuse.io import check_writable
 
     select_device(device)
+    if root is not None and not root.is_dir():
+        raise UsageError("not a folder", "--root")
+    boundary = Boundary.at(root or Path.cwd())
     question = _read_question(question)
     if question is None and json:
         raise UsageError("--json needs a question (one shot), not an interactive session", "--json")
     transcript = transcript or Path("chats") / time.strftime("chat-%Y%m%d-%H%M%S.jsonl", time.gmtime())
     check_writable(transcript, force)
     client = _make_backend(backend, base_url, model, think, key_file, timeout, retries, device, temperature, top_p,
-                           max_tokens, seed)
+                           max_tokens, seed, allow_http)
+    if hasattr(client, "deadline"):
+        client.deadline = deadline
     if not quiet:
         console.print(f"backend: {client.name}", style="dim", markup=False, highlight=False)
-    log = Transcript(transcript, {"backend": client.name, "cwd": str(Path.cwd())})
-    agent = Agent(client, build_tools(), Path.cwd(), log, confirm=None if yes else _confirm_on_terminal,
-                  max_rounds=max_rounds, result_chars=getattr(client, "result_chars", 4000))
+    log = Transcript(transcript, {"backend": client.name, "root": str(boundary.root)})
+    agent = Agent(client, build_tools(), boundary, log, _confirm_on_terminal, yes=yes, max_rounds=max_rounds,
+                  max_tool_calls=max_tool_calls, result_chars=getattr(client, "result_chars", 4000))
     display = Display(json, quiet)
     try:
         if question is None:
@@ -236,7 +258,13 @@ def chat(
         raise type(e)(f"{e.what} (transcript so far: {transcript})", e.where) from None
     if json:
         emit_json({"backend": client.name, "answer": reply.answer, "tool_calls": reply.tool_calls,
-                   "rounds": reply.rounds, "transcript": str(transcript)})
+                   "rounds": reply.rounds, "stopped": reply.stopped, "transcript": str(transcript)})
+    if reply.stopped:
+        message = f"stopped: {reply.stopped}"
+        if reply.answer:
+            warn(message, quiet)
+        else:
+            raise DsfuseError(f"{message}, before the model answered (transcript: {transcript})")
 
 
 def register(app: typer.Typer) -> None:

@@ -12,6 +12,7 @@ import inspect
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -32,14 +33,20 @@ RunOutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Run directo
                                                 "runs/<task>/train, train2, ...; with --resume the newest).")]
 
 F = TypeVar("F", bound=Callable[..., Any])
+_debug = ContextVar("debug", default=False)  # --debug of the running command: per-file errors show tracebacks too
 
 
 def command(fn: F) -> F:
-    """Turn errors into one line on stderr and the contract's exit code (a traceback only with --debug)."""
+    """Turn errors into one line on stderr and the contract's exit code (a traceback only with --debug).
+
+    A file that cannot be written or read where the command needs it (an output under a file, a
+    read-only folder, an unreadable checkpoint) is a usage error: exit 2, `error: <why> (<path>)`.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(kwargs.get("debug"))
+        _debug.set(debug)
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
@@ -49,6 +56,11 @@ def command(fn: F) -> F:
                 traceback.print_exc()
             error_line(e)
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:
+            if debug:
+                traceback.print_exc()
+            error_line(os_error_text(e))
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             error_line("interrupted")
             raise typer.Exit(130) from None
@@ -69,6 +81,12 @@ def choice_metavar(choice: object) -> str:
     from dsfuse.choices import values
 
     return "{" + ", ".join(values(choice)) + "}"
+
+
+def os_error_text(e: OSError) -> str:
+    """`Permission denied (runs/x/model.safetensors)`: the reason and the path, without Python's decoration."""
+    reason = e.strerror or type(e).__name__
+    return f"{reason} ({e.filename})" if e.filename else reason
 
 
 def given_options() -> set[str]:
@@ -126,10 +144,14 @@ def for_each_input(paths: list[Path], process: Callable[[Path], dict[str, Any]],
             raise
         except DsfuseError as e:
             failed += 1
+            if _debug.get():
+                traceback.print_exc()
             error_line(e if e.where is not None else f"{e} ({path})")
             continue
         except Exception as e:  # a decoder's own exception is still this file's failure only
             failed += 1
+            if _debug.get():
+                traceback.print_exc()
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             error_line(f"{detail} ({path})")
             continue

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import typer
 
 from dsfuse.cli.common import DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, command
 from dsfuse.errors import UsageError
+from dsfuse.io import claim_output_folder
 from dsfuse.report import console, emit_json, print_table
 
 
@@ -81,11 +81,7 @@ def demo(
     samples = samples or samples_dir()
     if not samples.is_dir():
         raise UsageError("samples folder not found", samples)
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise UsageError("output folder is not empty; pass --force to replace it", out)
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_folder(out, force)
 
     results = []
     for step in collect_steps(samples, out):
