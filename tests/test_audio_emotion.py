@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from fractions import Fraction
 from pathlib import Path
 
@@ -401,3 +402,23 @@ def test_synthetic_usage_errors(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("keep me")
     assert_one_line_error(run_cli("audio-emotion", "synthetic", tmp_path / "full"), 2, "--force")
+
+
+@pytest.mark.slow
+def test_speakers_that_are_really_labels_are_refused_and_a_pattern_finds_them(trained, tmp_path):
+    """EMOTION_VOICE_SENTENCE.wav: the name's first field is the label, so by default the 'speakers' are the
+    emotions and speaker normalisation would erase the very signal; --speaker-pattern says where they are."""
+    data = tmp_path / "renamed"
+    for clip in (trained["data"] / "train").rglob("*.wav"):
+        target = data / clip.parent.name / f"{clip.parent.name}_{clip.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(clip, target)
+    args = ["audio-emotion", "train", data, "--speaker-norm", "--steps", "2", "--dim", "32", "--depth", "1",
+            "--batch-size", "4", "-q", "--device", "cpu"]
+    refused = run_cli(*args, "--out", tmp_path / "r1")
+    assert_one_line_error(refused, 2, "--speaker-pattern")
+    assert "single label" in refused.stderr and not (tmp_path / "r1").exists()
+    found = run_cli(*args, "--out", tmp_path / "r2", "--speaker-pattern", r"_(?P<speaker>[^_/]+)_[^/]*$", "--json")
+    assert found.returncode == 0, found.stderr
+    assert_one_line_error(run_cli(*args, "--out", tmp_path / "r3", "--speaker-pattern", "[^_]+"), 2,
+                          "(?P<speaker>")

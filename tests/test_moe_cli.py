@@ -127,3 +127,9 @@ def test_train_moe_refuses_a_top_k_above_the_experts_before_making_a_run(tmp_pat
     proc = run_cli("train-moe", "--experts", "4", "--top-k", "6", "--out", tmp_path / "run")
     assert_one_line_error(proc, 2, "--top-k")
     assert not (tmp_path / "run").exists()
+
+
+def test_tokens_beyond_memory_are_refused_before_any_work():
+    proc = run_cli("moe-inspect", "--tokens", "100000000000", "--json")
+    assert_one_line_error(proc, 2, "--tokens")
+    assert "GiB free" in proc.stderr and proc.stdout == ""

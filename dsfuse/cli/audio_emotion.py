@@ -47,9 +47,15 @@ def train(
                                                "frame from their clips (speakers as --split-by names them): "
                                                "the model hears emotion relative to the voice. predict then "
                                                "needs several clips per speaker (see its --speaker-by).")] = False,
-    fusion: Annotated[Fusion, typer.Option("--fusion", metavar=choice_metavar(Fusion), help="Fuse the audio with the transcript beside each clip "
-                                           "(clip.wav + clip.txt) by this strategy; clips without one are left "
-                                           "out.")] = "none",
+    speaker_pattern: Annotated[str | None, typer.Option("--speaker-pattern", help="Where the speaker is in each "
+                                                        "clip's path: a regular expression with a group "
+                                                        "(?P<speaker>...), e.g. '_(?P<speaker>[^_/]+)_[^/]*$' or "
+                                                        "'(?P<speaker>[^/]+)/[^/]+$' (a folder per speaker). "
+                                                        "Default: the --labels convention.")] = None,
+    fusion: Annotated[Fusion, typer.Option("--fusion", metavar=choice_metavar(Fusion),
+                                           help="Fuse the audio with the transcript beside each clip (clip.wav + "
+                                                "clip.txt) by this strategy; clips without one are left out.")
+                      ] = "none",
     resume: ResumeOpt = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -71,7 +77,7 @@ def train(
     options = task.SpeechEmotionOptions(
         data=data, labels=labels, split_by=split_by, heldout=heldout, heldout_fraction=heldout_fraction, steps=steps,
         batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed, dim=dim, depth=depth, ffn=ffn, n_mels=n_mels,
-        crop_seconds=crop_seconds, speaker_norm=speaker_norm, fusion=fusion)
+        crop_seconds=crop_seconds, speaker_norm=speaker_norm, speaker_pattern=speaker_pattern, fusion=fusion)
     result, summary = task.train(options, run_dir_for(out, task.TASK, resume), resume=resume, force=force,
                                  explicit=given_options(), device=select_device(device), quiet=quiet)
     if not json and "f1" in summary:

@@ -112,7 +112,15 @@ def _soundfile_blocks(path: Path, block_frames: int | None) -> Iterator[tuple[np
 
 
 def _native_blocks(path: Path, block_seconds: float | None) -> Iterator[tuple[np.ndarray, int]]:
-    """Decode with soundfile where it can (wav/flac/ogg), else PyAV (mp3, m4a, ...)."""
+    """Decode with soundfile where it can (wav/flac/ogg), else PyAV (mp3, m4a, ...); NaN or infinite
+    samples (a float file can hold them) are the file's error."""
+    for samples, rate in _decoded_blocks(path, block_seconds):
+        if not np.isfinite(samples).all():
+            raise InputError("audio holds NaN or infinite samples", path)
+        yield samples, rate
+
+
+def _decoded_blocks(path: Path, block_seconds: float | None) -> Iterator[tuple[np.ndarray, int]]:
     if _is_soundfile_readable(path):
         rate = sf.info(str(path)).samplerate
         yield from _soundfile_blocks(path, round(block_seconds * rate) if block_seconds else None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +33,46 @@ class LabelledClip:
     speaker: str  # who speaks: what `--split-by speaker` keeps apart
 
 
-def speaker_of(path: Path, scheme: LabelScheme = "folders") -> str:
-    """Who speaks in `path` by the file-name convention of `scheme`: the RAVDESS actor, else (folders,
-    CREMA-D) the name up to its first '_'. A RAVDESS-scheme name that does not follow it is its own speaker."""
+def speaker_of(path: Path, scheme: LabelScheme = "folders", pattern: re.Pattern[str] | None = None) -> str:
+    """Who speaks in `path`: the named group `speaker` of `pattern` (searched in the whole path), else by
+    the file-name convention of `scheme`: the RAVDESS actor, else (folders, CREMA-D) the name up to its
+    first '_'. A RAVDESS-scheme name that does not follow it is its own speaker."""
+    if pattern is not None:
+        match = pattern.search(path.as_posix())
+        if match is None:
+            raise UsageError(f"the path does not match --speaker-pattern {pattern.pattern!r}", path)
+        return match["speaker"]
     if scheme == "ravdess":
         parts = path.stem.split("-")
         return f"actor{parts[6]}" if len(parts) == 7 else path.stem
     return path.stem.split("_", 1)[0]
+
+
+def speaker_pattern(text: str | None) -> re.Pattern[str] | None:
+    """`--speaker-pattern`: a regular expression with a named group `speaker`, such as
+    `_(?P<speaker>[^_/]+)_[^/]*$` (the second field of EMOTION_VOICE_SENTENCE.wav) or `(?P<speaker>[^/]+)/[^/]+$`
+    (a sub-folder per speaker)."""
+    if text is None:
+        return None
+    try:
+        pattern = re.compile(text)
+    except re.error as e:
+        raise UsageError(f"not a regular expression ({e})", "--speaker-pattern") from None
+    if "speaker" not in pattern.groupindex:
+        raise UsageError("the pattern needs a named group (?P<speaker>...)", "--speaker-pattern")
+    return pattern
+
+
+def check_speakers_are_not_labels(clips: Sequence[LabelledClip]) -> None:
+    """Refuse speaker groups that each hold a single label: the file names give the label where the speaker
+    was expected, and speaker normalisation or a speaker split would erase or confound the emotion."""
+    labels_of: dict[str, set[str]] = {}
+    for clip in clips:
+        labels_of.setdefault(clip.speaker, set()).add(clip.label)
+    if len(labels_of) >= 2 and all(len(labels) == 1 for labels in labels_of.values()):
+        raise UsageError(f"each of the {len(labels_of)} speakers read from the file names holds a single label "
+                         f"(e.g. {next(iter(labels_of))!r}): the names probably start with the label, not the "
+                         "speaker; say where the speaker is with --speaker-pattern", "--speaker-pattern")
 
 
 def _label_from_folder(path: Path, root: Path) -> str:
@@ -69,8 +103,9 @@ _LABELLERS: dict[str, Callable[[Path, Path], str]] = {
 }
 
 
-def find_labelled_clips(root: str | Path, scheme: LabelScheme = "folders") -> list[LabelledClip]:
-    """Every audio file under `root` with its label and speaker, sorted by path."""
+def find_labelled_clips(root: str | Path, scheme: LabelScheme = "folders",
+                        pattern: re.Pattern[str] | None = None) -> list[LabelledClip]:
+    """Every audio file under `root` with its label and speaker (see `speaker_of`), sorted by path."""
     root = Path(root)
     if scheme not in _LABELLERS:
         raise UsageError(f"unknown label scheme {scheme!r}; use {', '.join(values(LabelScheme))}", "--labels")
@@ -79,7 +114,7 @@ def find_labelled_clips(root: str | Path, scheme: LabelScheme = "folders") -> li
     paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
     if not paths:
         raise UsageError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) found", root)
-    return [LabelledClip(p, _LABELLERS[scheme](p, root), speaker_of(p, scheme)) for p in paths]
+    return [LabelledClip(p, _LABELLERS[scheme](p, root), speaker_of(p, scheme, pattern)) for p in paths]
 
 
 def split_clips(clips: Sequence[LabelledClip], by: SplitBy = "random", heldout_fraction: float = 0.2,

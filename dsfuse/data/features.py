@@ -16,8 +16,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dsfuse import __version__
-from dsfuse.errors import UsageError
+from dsfuse.errors import InputError, UsageError
 from dsfuse.io import atomic_path
+
 
 @dataclass
 class Features:
@@ -41,32 +42,33 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise UsageError(f"not a readable safetensors file ({str(e).splitlines()[0]})", path) from None
+        raise InputError(f"not a readable safetensors file ({str(e).splitlines()[0]})", path) from None
 
 
 def read_tensor_file(path: Path) -> torch.Tensor:
     """The one array in a .npy, or in a .safetensors the tensor named `tokens` or its only tensor."""
     if not path.is_file():
-        raise UsageError("file not found", path)
+        raise InputError("file not found", path)
     suffix = path.suffix.lower()
     if suffix == ".npy":
         try:
-            array = np.load(path, allow_pickle=False)
+            # memory-mapped first: a header that declares more data than the file holds fails here, unallocated
+            array = np.array(np.load(path, allow_pickle=False, mmap_mode="r"))
         except (ValueError, OSError, EOFError) as e:
-            raise UsageError(f"cannot read the .npy array ({str(e).splitlines()[0]})", path) from None
-        return torch.from_numpy(np.ascontiguousarray(array))
+            raise InputError(f"cannot read the .npy array ({str(e).splitlines()[0]})", path) from None
+        return torch.from_numpy(array)
     if suffix != ".safetensors":
-        raise UsageError("expected a tensor file (.npy or .safetensors, [N, D] features)", path)
+        raise InputError("expected a tensor file (.npy or .safetensors, [N, D] features)", path)
     try:
         with safe_open(str(path), framework="pt") as f:
             names = list(f.keys())
             name = "tokens" if "tokens" in names else names[0] if len(names) == 1 else None
             if name is None:
-                raise UsageError(f"holds {len(names)} tensors ({', '.join(names[:5])}); name the features 'tokens'",
+                raise InputError(f"holds {len(names)} tensors ({', '.join(names[:5])}); name the features 'tokens'",
                                  path)
             return f.get_tensor(name)
     except (SafetensorError, OSError, ValueError) as e:
-        raise UsageError(f"cannot read the safetensors file ({str(e).splitlines()[0]})", path) from None
+        raise InputError(f"cannot read the safetensors file ({str(e).splitlines()[0]})", path) from None
 
 
 def read_features(path: Path) -> Features:
@@ -77,13 +79,13 @@ def read_features(path: Path) -> Features:
 def as_token_grid(tensor: torch.Tensor, path: Path) -> Features:
     """Check a feature tensor: floats, [N, D] or [h, w, D], not empty."""
     if tensor.numel() == 0:
-        raise UsageError(f"the tensor is empty (shape {list(tensor.shape)})", path)
+        raise InputError(f"the tensor is empty (shape {list(tensor.shape)})", path)
     if not tensor.is_floating_point():
-        raise UsageError(f"features must be floats, got {str(tensor.dtype).removeprefix('torch.')}", path)
+        raise InputError(f"features must be floats, got {str(tensor.dtype).removeprefix('torch.')}", path)
     if tensor.dim() not in (2, 3):
-        raise UsageError(f"features must be [N, D] or [h, w, D], got shape {list(tensor.shape)}", path)
+        raise InputError(f"features must be [N, D] or [h, w, D], got shape {list(tensor.shape)}", path)
     if not torch.isfinite(tensor).all():
-        raise UsageError("the tensor holds NaN or infinite values", path)
+        raise InputError("the tensor holds NaN or infinite values", path)
     if tensor.dim() == 3:
         return Features(tensor.reshape(-1, tensor.shape[-1]).float(), (tensor.shape[0], tensor.shape[1]))
     return Features(tensor.float(), None)

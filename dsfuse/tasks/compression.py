@@ -213,6 +213,8 @@ def output_path(out: Path | None, source: TokenSource, path: Path, method: str, 
     name = f"{stem}.{method}-x{ratio:g}.safetensors"
     if out is None:
         return path.with_name(name)
+    if many and (out.suffix.lower() == ".safetensors" or out.is_file()):
+        raise UsageError("several token sets are written, so --out must be a folder, not one file", out)
     return out / name if many else out
 
 

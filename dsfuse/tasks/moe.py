@@ -23,7 +23,7 @@ from dsfuse.checkpoint import CheckpointMeta, build_model, load_checkpoint, reso
 from dsfuse.choices import Balancing, Router
 from dsfuse.data.clusters import skewed_cluster_tokens
 from dsfuse.data.features import read_features
-from dsfuse.device import seed_everything
+from dsfuse.device import check_memory, seed_everything
 from dsfuse.engine import TrainConfig, TrainResult, fit, read_metrics
 from dsfuse.errors import UsageError
 from dsfuse.io import check_writable
@@ -107,7 +107,9 @@ def inspect_routing(checkpoint: Path | None, options: LayerOptions, *, features_
     for layer in layers:
         layer.cfg.capacity_factor = options.capacity(layer.cfg.capacity_factor)
     if features is None:
-        features = torch.randn(tokens, input_width(model, layers))
+        width = input_width(model, layers)
+        check_memory(routing_bytes(tokens, width, layers), device, f"routing {tokens:,} tokens", "--tokens")
+        features = torch.randn(tokens, width)
     routed = route_features(model, features.to(device))
     names = layer_names(model)
     result = {"source": source, "tokens": int(features.shape[0]), "routed": routed,
@@ -116,6 +118,13 @@ def inspect_routing(checkpoint: Path | None, options: LayerOptions, *, features_
     if plot is not None:
         result["plot"] = str(plot_load_heatmap(result["layers"], plot, f"expert load, {source}"))
     return result
+
+
+def routing_bytes(tokens: int, width: int, layers: list[MoE]) -> int:
+    """About the memory routing `tokens` takes (float32): the tokens, a copy per chosen expert and the
+    router scores; measured at 5.8 KB a token for 64 experts top-6 at width 256, this says 7.7 KB."""
+    per_token = max((1 + layer.cfg.top_k) * max(width, layer.cfg.dim) + 2 * layer.cfg.n_experts for layer in layers)
+    return 4 * tokens * per_token
 
 
 def check_plot(plot: Path | None, force: bool) -> None:

@@ -5,7 +5,6 @@ files or stream a timeline over long audio, and write a synthetic emotional-spee
 
 from __future__ import annotations
 
-import shutil
 import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -23,11 +22,13 @@ from dsfuse.checkpoint import CheckpointMeta, build_model, load_checkpoint, read
 from dsfuse.choices import FeedForward, Fusion, LabelScheme, SpeakerBy, SplitBy
 from dsfuse.data.audio import LogMel, MelConfig, is_silent, load_audio, stream_audio, trim_silence
 from dsfuse.data.emotion_speech import (LabelledClip, LogMelClips, SpeakerBaselines, collate_padded,
-                                        find_labelled_clips, speaker_of, split_clips)
+                                        check_speakers_are_not_labels, find_labelled_clips, speaker_of,
+                                        speaker_pattern, split_clips)
 from dsfuse.data.synthetic_speech import synthetic_split, write_synthetic_set
 from dsfuse.data.transcripts import TranscribedClips, collate_transcribed, read_transcript
 from dsfuse.device import seed_everything
 from dsfuse.engine import TrainConfig, TrainResult, fit, read_metrics
+from dsfuse.io import claim_output_folder
 from dsfuse.errors import InputError, UsageError
 from dsfuse.metrics import accuracy, confusion_matrix, per_class_f1
 from dsfuse.models.audio import AudioEmotionClassifier, AudioEmotionConfig
@@ -40,6 +41,7 @@ TASK = "speech-emotion"  # default run directories: runs/speech-emotion/train, t
 KIND = "audio"
 LEGACY_FUSED_KIND = "audio-text"  # fused models before fusion became an option of KIND
 WINDOW_FRAMES = 3000  # 30 s of 10 ms log-mel frames: a whole file is classified window by window
+MIN_SPEECH_SECONDS = 0.3  # under this, no prosody to hear: the label is a guess
 MIN_BASELINE_FRAMES = 600  # 6 s: one clip (2-4 s) makes a poor speaker baseline, four of mixed emotion a good one
 
 Normalize = Callable[[torch.Tensor], torch.Tensor]  # features -> speaker-normalised features
@@ -60,6 +62,7 @@ class SpeechEmotionOptions(runs.TrainOptions):
     n_mels: int = 64
     crop_seconds: float = 2.0
     speaker_norm: bool = False
+    speaker_pattern: str | None = None
     fusion: Fusion = "none"
 
     @property
@@ -91,9 +94,12 @@ class TrainingData:
 
 def load_training_data(options: SpeechEmotionOptions, quiet: bool) -> TrainingData:
     """The training and held-out examples; data that cannot train a classifier is refused in one line."""
-    clips = find_labelled_clips(options.data, options.labels)
+    pattern = speaker_pattern(options.speaker_pattern)
+    clips = find_labelled_clips(options.data, options.labels, pattern)
+    if options.speaker_norm or options.split_by == "speaker":
+        check_speakers_are_not_labels(clips)
     if options.heldout is not None:
-        train_clips, heldout_clips = clips, find_labelled_clips(options.heldout, options.labels)
+        train_clips, heldout_clips = clips, find_labelled_clips(options.heldout, options.labels, pattern)
     else:
         train_clips, heldout_clips = split_clips(clips, options.split_by, options.heldout_fraction, options.seed)
     text_of = transcripts_of(train_clips, heldout_clips, options, quiet) if options.fused else None
@@ -203,8 +209,9 @@ def speaker_normalizer(paths: Sequence[Path], options: dict[str, Any], speaker_b
         if speaker_by is not None:
             warn("--speaker-by is ignored: the checkpoint was trained without --speaker-norm", quiet)
         return lambda path: unchanged
-    scheme = options.get("labels", "folders")
-    key = {"name": lambda path: speaker_of(path, scheme), "file": str, "all": lambda path: ""}[speaker_by or "name"]
+    scheme, pattern = options.get("labels", "folders"), speaker_pattern(options.get("speaker_pattern"))
+    key = {"name": lambda path: speaker_of(path, scheme, pattern), "file": str,
+           "all": lambda path: ""}[speaker_by or "name"]
     baselines = gather_baselines(paths, key, mel, quiet)
     return lambda path: partial(baselines.normalize, key(path)) if baselines.frames(key(path)) else unchanged
 
@@ -377,7 +384,11 @@ class SpeechClassifier:
         wave = load_audio(path, self.mel.cfg.sample_rate)
         if is_silent(wave):
             raise InputError("audio is silent: nothing to classify", path)
-        features = self.normalizer(path)(self.mel(trim_silence(wave, self.mel.cfg.sample_rate)))
+        speech = trim_silence(wave, self.mel.cfg.sample_rate)
+        if speech.numel() < MIN_SPEECH_SECONDS * self.mel.cfg.sample_rate:
+            warn(f"only {speech.numel() / self.mel.cfg.sample_rate:.3f} s of sound: too short to judge an emotion, "
+                 f"the label is a guess ({path})")
+        features = self.normalizer(path)(self.mel(speech))
         # Long files: classify 30 s windows (each with the whole transcript) and average by length,
         # so attention never spans a whole hour.
         windows = list(features.split(WINDOW_FRAMES))
@@ -428,10 +439,7 @@ def make_synthetic(out: Path, *, voices: int, sentences: int, heldout_voices: in
     plan = synthetic_split(voices, sentences, heldout_voices, heldout_sentences)
     if len(emotions) < 2:
         raise UsageError("give at least 2 emotions", "--emotions")
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise UsageError("output folder is not empty; pass --force to replace it", out)
-        shutil.rmtree(out)
+    claim_output_folder(out, force)
     total = len(emotions) * sum(len(v) * len(s) for v, s in plan.values())
     splits = {}
     with tqdm(total=total, desc="synthetic speech", disable=quiet, leave=False, file=sys.stderr) as bar:

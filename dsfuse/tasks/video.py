@@ -21,6 +21,7 @@ from dsfuse.data.video import VideoFolder, read_clips, stratified_split
 from dsfuse.device import seed_everything, select_device
 from dsfuse.engine import TrainConfig, TrainResult, fit, read_metrics, to_device, unwrap
 from dsfuse.errors import UsageError
+from dsfuse.io import claim_output_folder
 from dsfuse.metrics import accuracy, confusion_matrix
 from dsfuse.models.video import (AV_VIDEO_KIND, VideoClassifier, VideoConfig, kinetics_categories, load_av_video,
                                  require_kinetics_weights)
@@ -282,9 +283,8 @@ def make_dataset(out: Path, *, per_class: int, frames: int, size: int, fps: floa
     if per_class < 1 or frames < 2 or size < 16 or fps <= 0:
         raise UsageError("need --per-class >= 1, --frames >= 2, --size >= 16 and --fps > 0",
                          "--per-class/--frames/--size/--fps")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise UsageError("output folder is not empty; pass --force to write into it", out)
     select_device(device)  # checked like every command's, though writing videos needs no accelerator
+    claim_output_folder(out, force)
     files = write_motion_dataset(out, per_class, frames, size, fps, audio=audio, seed=seed, progress=not quiet)
     return {"out": str(out), "videos": len(files), "classes": sorted({f.parent.name for f in files}),
             "frames": frames, "size": size, "fps": fps, "audio": audio}
