@@ -135,31 +135,34 @@ def for_each_input(paths: list[Path], process: Callable[[Path], dict[str, Any]],
     from tqdm import tqdm
 
     failed = 0
-    for path in tqdm(paths, desc=desc, disable=quiet or len(paths) < 2, leave=False, file=sys.stderr):
+    bar = tqdm(paths, desc=desc, disable=quiet or len(paths) < 2, leave=False, file=sys.stderr)
+    for path in bar:
         try:
             if not path.exists():
                 raise InputError("file not found", path)
             result = process(path)
         except UsageError:
             raise
-        except DsfuseError as e:
-            failed += 1
-            if _debug.get():
-                traceback.print_exc()
-            error_line(e if e.where is not None else f"{e} ({path})")
-            continue
         except Exception as e:  # a decoder's own exception is still this file's failure only
             failed += 1
+            bar.clear()  # the error starts a line of its own, not the progress bar's
             if _debug.get():
                 traceback.print_exc()
-            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-            error_line(f"{detail} ({path})")
+            error_line(file_error_text(e, path))
             continue
         if as_json:
             emit_json({"file": str(path), **result})
         yield path, result
     if failed:
         raise typer.Exit(1)
+
+
+def file_error_text(e: Exception, path: Path) -> str:
+    """One file's failure as `<what> (<file>)`."""
+    if isinstance(e, DsfuseError):
+        return str(e) if e.where is not None else f"{e} ({path})"
+    detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return f"{detail} ({path})"
 
 
 def tabulate_each_input(paths: list[Path], process: Callable[[Path], dict[str, Any]],
