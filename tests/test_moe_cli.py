@@ -133,3 +133,10 @@ def test_tokens_beyond_memory_are_refused_before_any_work():
     proc = run_cli("moe-inspect", "--tokens", "100000000000", "--json")
     assert_one_line_error(proc, 2, "--tokens")
     assert "GiB free" in proc.stderr and proc.stdout == ""
+
+
+def test_train_moe_refuses_an_existing_plot_before_making_anything(tmp_path):
+    (tmp_path / "imbalance.png").write_bytes(b"mine")
+    proc = run_cli("train-moe", "--steps", "2", "--out", tmp_path, "--device", "cpu")
+    assert_one_line_error(proc, 2, "imbalance.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imbalance.png"]

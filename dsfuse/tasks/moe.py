@@ -206,8 +206,8 @@ def train(options: MoETrainOptions, out: Path, *, resume: bool, force: bool, exp
     train_cfg = TrainConfig(steps=options.steps, batch_size=options.batch_size, lr=options.lr,
                             log_every=max(1, options.steps // 50), eval_every=options.eval_every, quiet=quiet,
                             seed=options.seed, amp=False)
+    check_writable(out / PLOT, force or resume)  # before anything is made: a refusal leaves OUT as it was
     run_dirs = {name: prepare_run_dir(out / name, name in metas, force) for name in names}
-    check_writable(out / PLOT, force or resume)
     dataset, held_out = cluster_data(configs[names[0]], options.seed, device)
     outcomes, runs = {}, []
     for name in names:
