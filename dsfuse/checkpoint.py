@@ -147,15 +147,21 @@ def build_model(meta: CheckpointMeta, device: torch.device | str = "cpu") -> tor
 
 def check_weights_fit(meta: CheckpointMeta, path: str | os.PathLike) -> None:
     """Refuse a checkpoint whose config asks for tensors its file does not hold, before any memory is
-    spent on them: the model is built on the meta device and its shapes compared with the file's header."""
-    expected = {name: tuple(t.shape) for name, t in build_model(meta, "meta").state_dict().items()}
+    spent on them: the model is built on the meta device and its shapes compared with the file's header.
+    Tied tensors (one parameter under several names) need to be in the file under one of their names."""
+    tied: dict[int, list[tuple[str, tuple[int, ...]]]] = {}
+    for name, tensor in build_model(meta, "meta").state_dict(keep_vars=True).items():
+        tied.setdefault(id(tensor), []).append((name, tuple(tensor.shape)))
     with safe_open(str(path), framework="pt") as f:
         present = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-    for name, shape in expected.items():
-        if name not in present:
-            raise UsageError(f"checkpoint lacks the tensor {name} its config needs", path)
-        if present[name] != shape:
-            raise UsageError(f"tensor {name} has shape {list(present[name])}, the config needs {list(shape)}", path)
+    for names in tied.values():
+        stored = [(name, shape) for name, shape in names if name in present]
+        if not stored:
+            raise UsageError(f"checkpoint lacks the tensor {names[0][0]} its config needs", path)
+        for name, shape in stored:
+            if present[name] != shape:
+                raise UsageError(f"tensor {name} has shape {list(present[name])}, the config needs {list(shape)}",
+                                 path)
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str | tuple[str, ...] | None = None,

@@ -422,3 +422,13 @@ def test_speakers_that_are_really_labels_are_refused_and_a_pattern_finds_them(tr
     assert found.returncode == 0, found.stderr
     assert_one_line_error(run_cli(*args, "--out", tmp_path / "r3", "--speaker-pattern", "[^_]+"), 2,
                           "(?P<speaker>")
+
+
+@pytest.mark.slow
+def test_a_clip_too_short_to_judge_is_labelled_with_a_warning(trained, tmp_path):
+    blip = tmp_path / "blip.wav"
+    rng = np.random.default_rng(0)
+    sf.write(blip, (0.5 * rng.standard_normal(16)).astype(np.float32), SAMPLE_RATE)  # 1 ms
+    proc = run_cli("audio-emotion", "predict", blip, "--checkpoint", trained["run"], "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "too short to judge" in proc.stderr and json_lines(proc.stdout)[0]["label"]

@@ -114,3 +114,16 @@ def test_unwritable_outputs_and_unreadable_checkpoints_are_usage_errors(tmp_path
         assert_one_line_error(proc, 2, "Permission denied")
     finally:
         locked.chmod(0o700)
+
+
+def test_debug_shows_the_traceback_of_a_failing_file_too(tmp_path):
+    (tmp_path / "bad.png").write_text("not an image")
+    from dsfuse.checkpoint import CheckpointMeta, save_checkpoint
+    from dsfuse.models.vqvae import VQVAE, VQVAEConfig
+
+    cfg = VQVAEConfig(image_size=32, downsample=8, codebook_size=16, base_channels=8, latent_channels=4)
+    save_checkpoint(tmp_path / "vq.safetensors", VQVAE(cfg), CheckpointMeta.of("vqvae", cfg))
+    args = ["tokenize-image", tmp_path / "bad.png", "-c", tmp_path / "vq.safetensors", "--json"]
+    assert "Traceback" not in run_cli(*args).stderr
+    debugged = run_cli(*args, "--debug")
+    assert debugged.returncode == 1 and "Traceback" in debugged.stderr

@@ -164,7 +164,7 @@ def test_train_resampler_then_compare_on_images(tokenizer_ckpt, tmp_path):
 def test_bad_input_is_one_line(features, tokenizer_ckpt, tmp_path):
     empty = tmp_path / "empty.npy"
     np.save(empty, np.zeros((0, 16), dtype=np.float32))
-    assert_one_line_error(run_cli("compress-tokens", empty, "--method", "pool"), 2, "empty")
+    assert_one_line_error(run_cli("compress-tokens", empty, "--method", "pool"), 1, "empty")  # that file's error
     assert_one_line_error(run_cli("compress-tokens", features, "--method", "pool", "--ratio", "0.5"), 2, "--ratio")
     assert_one_line_error(run_cli("compress-tokens", features, "--method", "pixel-shuffle", "--ratio", "3",
                                   "--out", tmp_path / "x.safetensors"), 2, "does not split")
@@ -190,6 +190,15 @@ def test_bad_input_is_one_line(features, tokenizer_ckpt, tmp_path):
                           "different tokenizer")
     corrupt = tmp_path / "corrupt.npy"
     corrupt.write_bytes(b"not an array")
-    assert_one_line_error(run_cli("compress-tokens", corrupt, "--method", "pool"), 2, "npy")
+    assert_one_line_error(run_cli("compress-tokens", corrupt, "--method", "pool"), 1, "npy")
     missing = run_cli("compress-tokens", tmp_path / "nope.npy", "--method", "pool")
     assert_one_line_error(missing, 1, "file not found")
+
+
+def test_one_output_file_for_several_inputs_is_refused(features, tokenizer_ckpt, tmp_path):
+    other = tmp_path / "other.npy"
+    other.write_bytes(features.read_bytes())
+    proc = run_cli("compress-tokens", features, other, "--method", "pool", "--ratio", "4",
+                   "--out", tmp_path / "X.safetensors")
+    assert_one_line_error(proc, 2, "must be a folder")
+    assert not (tmp_path / "X.safetensors").exists()

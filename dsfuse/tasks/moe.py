@@ -25,7 +25,7 @@ from dsfuse.data.clusters import skewed_cluster_tokens
 from dsfuse.data.features import read_features
 from dsfuse.device import check_memory, seed_everything
 from dsfuse.engine import TrainConfig, TrainResult, fit, read_metrics
-from dsfuse.errors import UsageError
+from dsfuse.errors import InputError, UsageError
 from dsfuse.io import check_writable
 from dsfuse.metrics import max_violation, routing_stats
 from dsfuse.models.moe import MoEClassifier, MoEModelConfig
@@ -96,7 +96,7 @@ def inspect_routing(checkpoint: Path | None, options: LayerOptions, *, features_
     the routing statistics of each layer, and a load heatmap in `plot`."""
     options.check()
     check_plot(plot, force)
-    features = read_features(features_file).tokens if features_file is not None else None
+    features = input_features(features_file) if features_file is not None else None
     if checkpoint is not None:
         model, source = checkpoint_model(checkpoint, options, device)
     else:
@@ -118,6 +118,14 @@ def inspect_routing(checkpoint: Path | None, options: LayerOptions, *, features_
     if plot is not None:
         result["plot"] = str(plot_load_heatmap(result["layers"], plot, f"expert load, {source}"))
     return result
+
+
+def input_features(path: Path) -> torch.Tensor:
+    """The tokens of `--input`: one file the whole command rests on, so a bad one is a usage error."""
+    try:
+        return read_features(path).tokens
+    except InputError as e:
+        raise UsageError(e.what, e.where) from None
 
 
 def routing_bytes(tokens: int, width: int, layers: list[MoE]) -> int:
