@@ -24,6 +24,7 @@ FeedForward = Literal["swiglu", "moe"]
 LabelScheme = Literal["folders", "ravdess", "crema-d"]
 SplitBy = Literal["random", "speaker"]
 SpeakerBy = Literal["name", "file", "all"]
+McpTransport = Literal["stdio", "http"]
 
 
 def values(choice: object) -> tuple[str, ...]:

@@ -113,6 +113,14 @@ class Boundary:
                     options += [param.flag, v]
         return CheckedCall([*tool.command, *options, "--", *positionals], overwrites)
 
+    def enter(self) -> None:
+        """Confine this process as `tool_command` confines a tool's: the root as its working folder, no
+        secrets in its environment, nothing importable from the root (this dsfuse's own folder goes last)."""
+        os.chdir(self.root)
+        for name in [k for k in os.environ if SECRET_NAME.search(k)]:
+            del os.environ[name]
+        sys.path[:] = [p for p in sys.path if not _inside(Path(p or "."), self.root)] + [PACKAGE_ROOT]
+
     def environment(self) -> dict[str, str]:
         """The tool process's environment: the user's, less secrets and import paths into the root."""
         env = {k: v for k, v in os.environ.items() if not SECRET_NAME.search(k)}
@@ -134,6 +142,8 @@ def _is_number(text: str) -> bool:
     return True
 
 
+# The folder this dsfuse was imported from (a source checkout, or site-packages).
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 # `-c` puts "" (the working folder) first on sys.path: drop it, and append the folder this dsfuse was
 # imported from (a source checkout) after everything else, so no file in the root shadows a module.
 TOOL_BOOTSTRAP = "import sys; del sys.path[0]; sys.path.append(sys.argv.pop(1)); from dsfuse.cli import main; main()"
@@ -141,5 +151,4 @@ TOOL_BOOTSTRAP = "import sys; del sys.path[0]; sys.path.append(sys.argv.pop(1));
 
 def tool_command(argv: list[str]) -> list[str]:
     """The process that runs `dsfuse ARGV` with nothing importable from its working folder."""
-    package_root = str(Path(__file__).resolve().parents[2])
-    return [sys.executable, "-c", TOOL_BOOTSTRAP, package_root, *argv]
+    return [sys.executable, "-c", TOOL_BOOTSTRAP, PACKAGE_ROOT, *argv]

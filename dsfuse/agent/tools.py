@@ -19,8 +19,8 @@ from dsfuse.agent.boundary import Boundary, BoundaryError, CheckedCall, tool_com
 
 # Options the agent sets itself (machine-readable, quiet), and those a model may never set.
 MANAGED_OPTIONS = {"json", "quiet", "debug", "force", "help"}
-# `chat` would recurse; `demo` runs every command for minutes.
-EXCLUDED_COMMANDS = {"chat", "demo"}
+# `chat` and `mcp` would recurse (an agent serving agents); `demo` runs every command for minutes.
+EXCLUDED_COMMANDS = {"chat", "demo", "mcp"}
 LIST_FILES = "list_files"
 MAX_LISTED_FILES = 200
 
@@ -220,31 +220,40 @@ def check_call(tool: Tool, arguments: dict[str, Any], boundary: Boundary) -> Che
         raise ToolArgumentError(str(e)) from None
 
 
-def run_tool(tool: Tool, arguments: dict[str, Any], boundary: Boundary, timeout: float = 600) -> dict[str, Any]:
-    """Run the real command with `--json -q` in the root; return its exit code and JSON output (or error line)."""
-    if tool.name == LIST_FILES:
-        return list_files(arguments.get("pattern", "**/*"), boundary)
-    call = check_call(tool, arguments, boundary)
-    argv = [*call.argv[:call.argv.index("--")], "--json", "-q", *call.argv[call.argv.index("--"):]]
-    shown = "dsfuse " + " ".join(argv)
-    try:
-        proc = subprocess.run(tool_command(argv), cwd=boundary.root, capture_output=True, text=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL, env=boundary.environment())
-    except subprocess.TimeoutExpired:
-        return {"command": shown, "exit_code": None, "error": f"timed out after {timeout:g} s"}
+def command_argv(call: CheckedCall) -> list[str]:
+    """The checked call's argv with `--json -q` before the `--` that ends its options."""
+    end = call.argv.index("--")
+    return [*call.argv[:end], "--json", "-q", *call.argv[end:]]
+
+
+def command_result(argv: list[str], exit_code: int | None, stdout: str, stderr: str) -> dict[str, Any]:
+    """A finished command as the tool's result: its exit code, its JSON output and its last error line."""
     records = []
-    for line in proc.stdout.splitlines():
+    for line in stdout.splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-    result: dict[str, Any] = {"command": shown, "exit_code": proc.returncode}
+    result: dict[str, Any] = {"command": "dsfuse " + " ".join(argv), "exit_code": exit_code}
     if records:
         result["output"] = records[0] if len(records) == 1 else records
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     if errors:
         result["error"] = errors[-1][len("error: "):]
     return result
+
+
+def run_tool(tool: Tool, arguments: dict[str, Any], boundary: Boundary, timeout: float = 600) -> dict[str, Any]:
+    """Run the real command with `--json -q` in the root; return its exit code and JSON output (or error line)."""
+    if tool.name == LIST_FILES:
+        return list_files(arguments.get("pattern", "**/*"), boundary)
+    argv = command_argv(check_call(tool, arguments, boundary))
+    try:
+        proc = subprocess.run(tool_command(argv), cwd=boundary.root, capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL, env=boundary.environment())
+    except subprocess.TimeoutExpired:
+        return {"command": "dsfuse " + " ".join(argv), "exit_code": None, "error": f"timed out after {timeout:g} s"}
+    return command_result(argv, proc.returncode, proc.stdout, proc.stderr)
 
 
 def result_text(result: dict[str, Any], limit: int = 4000) -> str:

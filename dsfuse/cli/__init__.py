@@ -28,6 +28,7 @@ COMMAND_MODULES = [  # in the order `--help` lists them and `demo` runs them
     "dsfuse.cli.compress",
     "dsfuse.cli.train_compressor",
     "dsfuse.cli.chat",
+    "dsfuse.cli.mcp",
     "dsfuse.cli.demo",
 ]
 
