@@ -215,8 +215,8 @@ class DsfuseServer:
             checked = check_call(tool, arguments, self.boundary)
         except ToolArgumentError as e:
             return error_result(f"invalid call: {e}")
-        if tool.writes_files and not self.allow_writes:
-            return error_result(f"{tool.name} writes files; this server was started without --allow-writes")
+        if tool.call_writes(arguments) and not self.allow_writes:
+            return error_result(f"this call of {tool.name} writes files; this server was started without --allow-writes")
         argv = command_argv(checked)
         stop = threading.Event()
         observer = self._progress(ctx, stop)

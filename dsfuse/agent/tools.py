@@ -15,7 +15,7 @@ from typing import Any, get_args
 
 import typer
 
-from dsfuse.agent.boundary import Boundary, BoundaryError, CheckedCall, tool_command
+from dsfuse.agent.boundary import OUTPUT_PARAMS, Boundary, BoundaryError, CheckedCall, tool_command
 
 # Options the agent sets itself (machine-readable, quiet), and those a model may never set.
 MANAGED_OPTIONS = {"json", "quiet", "debug", "force", "help"}
@@ -47,6 +47,15 @@ class Tool:
     params: list[Param] = field(default_factory=list)
     command: list[str] = field(default_factory=list)  # e.g. ["audio-emotion", "train"]
     writes_files: bool = False
+
+    def call_writes(self, arguments: dict[str, Any]) -> bool:
+        """Whether this call writes files: a trainer (it has --resume) or a required output always does,
+        other commands only when the call names an output (`tokenize-image` without `--out` only reads)."""
+        if not self.writes_files:
+            return False
+        outputs = [p for p in self.params if p.name in OUTPUT_PARAMS]
+        return (any(p.name == "resume" for p in self.params) or not outputs
+                or any(p.required or arguments.get(p.name) is not None for p in outputs))
 
     def spec(self) -> dict[str, Any]:
         """The OpenAI `tools` entry."""
