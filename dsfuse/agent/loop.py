@@ -139,6 +139,8 @@ class Agent:
         try:
             if tool is None:
                 raise ToolArgumentError(f"no tool named {call.name!r}; the tools are {', '.join(self.tools)}")
+            if tool.external is not None:  # another MCP server's: it checks the arguments against its schema
+                return self._call_external(tool.external, parse_arguments(call.arguments), record)
             arguments = validate_arguments(tool, parse_arguments(call.arguments))
             record["arguments"] = arguments
             if tool.writes_files:
@@ -149,4 +151,12 @@ class Agent:
             record["result"] = run_tool(tool, arguments, self.boundary, self.tool_timeout)
         except ToolArgumentError as e:
             record["result"] = {"error": f"invalid call: {e}"}
+        return record
+
+    def _call_external(self, tool: Any, arguments: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+        record["arguments"] = arguments
+        if tool.asks(self.yes) and not self.confirm(tool.describe(arguments), []):
+            record["result"] = {"error": "the user declined to run this tool"}
+        else:
+            record["result"] = tool.call(arguments, self.tool_timeout)
         return record

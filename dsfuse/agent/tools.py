@@ -47,6 +47,7 @@ class Tool:
     params: list[Param] = field(default_factory=list)
     command: list[str] = field(default_factory=list)  # e.g. ["audio-emotion", "train"]
     writes_files: bool = False
+    external: Any = None  # another MCP server's tool (agent.mcp_client.ExternalTool): it runs there
 
     def call_writes(self, arguments: dict[str, Any]) -> bool:
         """Whether this call writes files: a trainer (it has --resume) or a required output always does,

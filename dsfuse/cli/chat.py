@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import ExitStack
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -105,8 +106,12 @@ def _confirm_on_terminal(argv: list[str], overwrites: list[Path]) -> bool:
     without a terminal to ask on, decline."""
     import shlex
 
-    line = shlex.join(["dsfuse", *argv])
-    what = f"it writes over {', '.join(map(str, overwrites))}" if overwrites else "it writes files"
+    from dsfuse.agent.mcp_client import EXTERNAL_MARK
+
+    external = argv[:1] == [EXTERNAL_MARK]
+    line = f"{shlex.join(argv[2:])} (a tool of the MCP server {argv[1]})" if external else shlex.join(["dsfuse", *argv])
+    what = ("it may change things" if external else f"it writes over {', '.join(map(str, overwrites))}"
+            if overwrites else "it writes files")
     if not sys.stdin.isatty():
         warn(f"not running: {line} ({what}; there is no terminal to confirm it)")
         return False
@@ -193,6 +198,8 @@ def chat(
                                       "over an existing file or folder is always asked).")] = False,
     root: Annotated[Path | None, typer.Option("--root", help="The folder tool calls may read and write in "
                                               "(default: the working folder).")] = None,
+    mcp: Annotated[list[str] | None, typer.Option("--mcp", help="Also use the tools of the MCP server this command "
+                                                 "line starts (over stdio; repeatable), named <server>_<tool>.")] = None,
     max_rounds: Annotated[int, typer.Option("--max-rounds", min=0, max=50, help="Most tool rounds per question.")] = 6,
     max_tool_calls: Annotated[int, typer.Option("--max-tool-calls", min=1, max=200, help="Most tool calls per "
                                                 "question, all rounds together.")] = 12,
@@ -244,8 +251,23 @@ def chat(
     if not quiet:
         console.print(f"backend: {client.name}", style="dim", markup=False, highlight=False)
     log = Transcript(transcript, {"backend": client.name, "root": str(boundary.root)})
-    agent = Agent(client, build_tools(), boundary, log, _confirm_on_terminal, yes=yes, max_rounds=max_rounds,
-                  max_tool_calls=max_tool_calls, result_chars=getattr(client, "result_chars", 4000))
+    with ExitStack() as servers:  # other MCP servers run as long as the conversation
+        tools = build_tools()
+        if mcp:
+            from dsfuse.agent.mcp_client import connect
+
+            external = connect(mcp, boundary.root, dict(os.environ), servers)
+            if clash := sorted(set(external) & set(tools)):
+                raise UsageError(f"an MCP tool is named like a dsfuse tool: {', '.join(clash)}", "--mcp")
+            tools.update(external)
+        agent = Agent(client, tools, boundary, log, _confirm_on_terminal, yes=yes, max_rounds=max_rounds,
+                      max_tool_calls=max_tool_calls, result_chars=getattr(client, "result_chars", 4000))
+        _converse(agent, question, transcript, json, quiet)
+
+
+def _converse(agent: Any, question: str | None, transcript: Path, json: bool, quiet: bool) -> None:
+    """The REPL, or one question answered (as JSON with --json)."""
+    client = agent.backend
     display = Display(json, quiet)
     try:
         if question is None:
