@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
-from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,15 +41,12 @@ from dsfuse.checkpoint import MODEL_FILE, CheckpointMeta, save_checkpoint
 from dsfuse.device import amp_dtype, seed_everything
 from dsfuse.errors import UsageError
 from dsfuse.io import atomic_path
+from dsfuse.report import observed_progress
 from dsfuse.runs import METRICS_FILE, STATE_FILE
 
 LossOutput = torch.Tensor | tuple[torch.Tensor, Mapping[str, float]]
 LossFn = Callable[[nn.Module, Any], LossOutput]
 EvalFn = Callable[[nn.Module, int], Mapping[str, float]]
-# Who else follows a run (the MCP server's progress notifications): called after every step with
-# (step, total steps, that step's numbers); returning True stops the run the way Ctrl-C does.
-StepObserver = Callable[[int, int, Mapping[str, float]], bool]
-STEP_OBSERVER: ContextVar[StepObserver | None] = ContextVar("dsfuse_step_observer", default=None)
 
 
 @dataclass
@@ -414,13 +410,12 @@ class Trainer:
         metrics: dict[str, float] = {k: v for k, v in logged[-1].items() if k != "step"} if logged else {}
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint) if in_main_thread else None
-        observer = STEP_OBSERVER.get() if self.dist.is_main else None
         try:
             for batch in loader:
                 stats = self.train_step(batch)
                 window_n += global_batch
                 bar.update(1)
-                if observer is not None and observer(self.step, cfg.steps, stats):
+                if self.dist.is_main and observed_progress(self.step, cfg.steps, "step", stats):
                     self.request_stop()
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps or self.stop_requested:
                     rate = window_n / max(time.perf_counter() - window_t, 1e-9)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,18 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console(stderr=True, highlight=False)
+
+# Who else follows long work besides the progress bar (the MCP server's progress notifications):
+# called with (done, total, unit, numbers) after each training step or input file; returning True
+# stops the work the way Ctrl-C does.
+ProgressObserver = Callable[[int, int, str, Mapping[str, float]], bool]
+PROGRESS_OBSERVER: ContextVar[ProgressObserver | None] = ContextVar("dsfuse_progress_observer", default=None)
+
+
+def observed_progress(done: int, total: int, unit: str, numbers: Mapping[str, float] | None = None) -> bool:
+    """Tell the observer (if any) how far the work is; True when it asks the work to stop."""
+    observer = PROGRESS_OBSERVER.get()
+    return observer is not None and observer(done, total, unit, numbers or {})
 
 
 def error_line(message: object) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -59,10 +61,17 @@ def test_read_only_server_lists_tools_runs_reads_and_refuses_writes_and_escapes(
         assert quantizer["enum"] == ["vq", "fsq"]
         assert tools["info"].annotations.read_only_hint and not tools["train-vqvae"].annotations.read_only_hint
 
-        tokens = await client.call_tool("tokenize-image", {"images": ["images/*.png"], "checkpoint": "runs/vq"})
+        progress = []
+
+        async def on_progress(value, total, message):
+            progress.append((value, total, message))
+
+        tokens = await client.call_tool("tokenize-image", {"images": ["images/*.png"], "checkpoint": "runs/vq"},
+                                        progress_callback=on_progress)
         assert not tokens.is_error, tokens.content[0].text
         records = tokens.structured_content["output"]
         assert len(records) == 6 and records[0]["grid"] == [4, 4] and len(records[0]["tokens"]) == 16
+        assert progress[-1] == (6, 6, "file 6/6")
 
         outside = await client.call_tool("tokenize-image", {"images": ["../outside.png"], "checkpoint": "runs/vq"})
         assert outside.is_error and "outside the working folder" in outside.content[0].text
@@ -138,3 +147,29 @@ def test_writes_stay_in_root_progress_images_and_a_cancelled_training_resumes(ro
         assert resumed.structured_content["output"]["step"] == saved + 2
 
     with_server(root, ["--allow-writes"], checks)
+
+
+@pytest.mark.slow
+def test_http_transport_serves_on_loopback(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "dsfuse", "mcp", "--transport", "http", "--port", str(port),
+                             "--root", str(tmp_path), "-q"], env=env, stderr=subprocess.PIPE)
+
+    async def listed():
+        for _ in range(100):
+            try:
+                async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+                    return {t.name for t in (await client.list_tools()).tools}
+            except Exception:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                await anyio.sleep(0.2)
+        raise AssertionError("the server did not answer")
+
+    try:
+        assert anyio.run(listed) == set(build_tools())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -30,6 +30,7 @@ from dsfuse import __version__
 from dsfuse.agent.boundary import OUTPUT_PARAMS, Boundary, BoundaryError
 from dsfuse.agent.tools import (LIST_FILES, Tool, ToolArgumentError, build_tools, check_call, command_argv,
                                 command_result, list_files, validate_arguments)
+from dsfuse.report import PROGRESS_OBSERVER
 from dsfuse.runs import METRICS_FILE
 
 MAX_IMAGES = 8  # PNGs returned as image content per call; the rest become resource links
@@ -49,11 +50,10 @@ class CommandRunner:
 
     def run(self, argv: list[str], observer: Any = None) -> dict[str, Any]:
         from dsfuse.cli import main
-        from dsfuse.engine import STEP_OBSERVER
 
         with self.lock:
             out, err = io.StringIO(), io.StringIO()
-            token = STEP_OBSERVER.set(observer)
+            token = PROGRESS_OBSERVER.set(observer)
             try:
                 with redirect_stdout(out), redirect_stderr(err):
                     try:
@@ -62,7 +62,7 @@ class CommandRunner:
                     except SystemExit as e:
                         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             finally:
-                STEP_OBSERVER.reset(token)
+                PROGRESS_OBSERVER.reset(token)
             return command_result(argv, code, out.getvalue(), err.getvalue())
 
     def wait(self) -> None:
@@ -236,18 +236,19 @@ class DsfuseServer:
 
     @staticmethod
     def _progress(ctx: Any, stop: threading.Event) -> Any:
-        """The engine's step observer: a progress notification per step (at most every PROGRESS_INTERVAL)."""
+        """The progress observer of a call: a notification per training step or input file (at most one every
+        PROGRESS_INTERVAL, and the last), and True once the client has cancelled."""
         last = [0.0]
 
-        def observe(step: int, total: int, stats: Mapping[str, float]) -> bool:
+        def observe(done: int, total: int, unit: str, numbers: Mapping[str, float]) -> bool:
             if stop.is_set():
                 return True
             now = time.monotonic()
-            if step == total or now - last[0] >= PROGRESS_INTERVAL:
+            if done == total or now - last[0] >= PROGRESS_INTERVAL:
                 last[0] = now
-                message = f"step {step}/{total}" + (f", loss {stats['loss']:.4f}" if "loss" in stats else "")
+                message = f"{unit} {done}/{total}" + (f", loss {numbers['loss']:.4f}" if "loss" in numbers else "")
                 try:
-                    anyio.from_thread.run(ctx.session.report_progress, step, total, message)
+                    anyio.from_thread.run(ctx.session.report_progress, done, total, message)
                 except Exception:  # the client went away: keep training; a cancel arrives through `stop`
                     pass
             return stop.is_set()

@@ -19,7 +19,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from dsfuse.errors import DsfuseError, InputError, UsageError
-from dsfuse.report import emit_json, error_line, print_table
+from dsfuse.report import emit_json, error_line, observed_progress, print_table
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: the same seed repeats a run on the same device.")]
@@ -136,7 +136,7 @@ def for_each_input(paths: list[Path], process: Callable[[Path], dict[str, Any]],
 
     failed = 0
     bar = tqdm(paths, desc=desc, disable=quiet or len(paths) < 2, leave=False, file=sys.stderr)
-    for path in bar:
+    for index, path in enumerate(bar):
         try:
             if not path.exists():
                 raise InputError("file not found", path)
@@ -153,6 +153,8 @@ def for_each_input(paths: list[Path], process: Callable[[Path], dict[str, Any]],
         if as_json:
             emit_json({"file": str(path), **result})
         yield path, result
+        if observed_progress(index + 1, len(paths), "file"):  # stopped like Ctrl-C: what is done stays done
+            raise KeyboardInterrupt
     if failed:
         raise typer.Exit(1)
 
