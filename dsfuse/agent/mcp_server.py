@@ -269,10 +269,14 @@ def serve(root: Path, allow_writes: bool, transport: str = "stdio", port: int = 
     app = DsfuseServer(boundary, allow_writes, device)
     try:
         if transport == "http":
+            import socket
+
             import uvicorn
 
-            uvicorn.run(app.server.streamable_http_app(host="127.0.0.1"), host="127.0.0.1", port=port,
-                        log_level="warning")
+            # bound here, so a port in use is one OSError line (the command's), not uvicorn's log and exit
+            with socket.create_server(("127.0.0.1", port)) as sock:
+                config = uvicorn.Config(app.server.streamable_http_app(host="127.0.0.1"), log_level="warning")
+                uvicorn.Server(config).run(sockets=[sock])
         else:
             anyio.run(_serve_stdio, app.server)
     finally:

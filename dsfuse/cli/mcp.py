@@ -36,7 +36,9 @@ def mcp(
     Example: dsfuse mcp --root ~/data --allow-writes
     """
     from dsfuse.agent.mcp_server import serve
+    from dsfuse.device import select_device
 
+    select_device(device)  # an unavailable device is refused now, not at every call
     folder = (root or Path.cwd()).expanduser()
     if not folder.is_dir():
         raise UsageError("not a folder", folder)
