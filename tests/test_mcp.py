@@ -52,6 +52,19 @@ def root(tmp_path):
     return tmp_path
 
 
+@pytest.mark.parametrize("name, arguments, writes", [
+    ("info", {}, False),
+    ("tokenize-image", {"images": ["a.png"], "checkpoint": "vq"}, False),
+    ("tokenize-image", {"images": ["a.png"], "checkpoint": "vq", "out": "t.jsonl"}, True),
+    ("moe-inspect", {}, False),
+    ("moe-inspect", {"plot": "load.png"}, True),
+    ("train-vqvae", {"data": "images"}, True),  # a trainer writes its run folder, --out or not
+    ("audio-emotion-synthetic", {"out": "speech"}, True),  # its output is its argument
+])
+def test_which_calls_write(name, arguments, writes):
+    assert build_tools()[name].call_writes(arguments) is writes
+
+
 @pytest.mark.slow
 def test_read_only_server_lists_tools_runs_reads_and_refuses_writes_and_escapes(root):
     async def checks(client):
