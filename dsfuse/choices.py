@@ -24,6 +24,8 @@ FeedForward = Literal["swiglu", "moe"]
 LabelScheme = Literal["folders", "ravdess", "crema-d"]
 SplitBy = Literal["random", "speaker"]
 SpeakerBy = Literal["name", "file", "all"]
+Precision = Literal["fp32", "bf16", "fp16"]
+TrainLogger = Literal["none", "tensorboard"]
 
 
 def values(choice: object) -> tuple[str, ...]:
