@@ -176,7 +176,7 @@ def write_run_args(run_dir: Path, resume: bool) -> None:
     args = _command_args.get()
     if args is None:
         return
-    values = {k: _yaml_value(v) for k, v in args.values.items() if v is not None}
+    values = {k: _yaml_value(v) for k, v in args.values.items()}  # null: the option's default
     path = run_dir / ARGS_FILE
     if resume and path.exists():
         try:
@@ -192,4 +192,4 @@ def write_run_args(run_dir: Path, resume: bool) -> None:
 def _yaml_value(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_yaml_value(v) for v in value]
-    return value if isinstance(value, (bool, int, float, str)) else str(value)
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
