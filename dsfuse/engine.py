@@ -163,9 +163,9 @@ class StepBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, n: int, global_batch: int, steps: int, seed: int, dist_info: Distributed,
-                 start: int = 0, shuffle: bool = True):
+                 start: int = 0, shuffle: bool = True, keyed: bool = False):
         self.n, self.global_batch, self.steps, self.seed = n, global_batch, steps, seed
-        self.dist, self.start, self.shuffle = dist_info, start, shuffle
+        self.dist, self.start, self.shuffle, self.keyed = dist_info, start, shuffle, keyed
 
     def _epoch(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
@@ -182,9 +182,34 @@ class StepBatchSampler(Sampler[list[int]]):
         per_rank = self.global_batch // self.dist.world
         return out[self.dist.rank * per_rank:(self.dist.rank + 1) * per_rank]
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[int]] | Iterator[list[tuple[int, int, int]]]:
+        """Each step's indices; `keyed`: (step, position in the global batch, index) for `StepSeeded`."""
         for step in range(self.start, self.steps):
-            yield self.indices_for_step(step)
+            indices = self.indices_for_step(step)
+            if not self.keyed:
+                yield indices
+                continue
+            first = self.dist.rank * len(indices)
+            yield [(step, first + position, index) for position, index in enumerate(indices)]
+
+
+class StepSeeded(Dataset):
+    """A dataset whose every sample is drawn under a torch seed of its own, a function of (seed, step, its
+    position in the step's batch): its random crops and augmentations are the same whichever process
+    decodes it and however many workers there are, so `--resume` stays exact with `--workers`. The
+    caller's RNG is left as it was."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int, int]) -> Any:
+        step, position, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + step) * 1_000_003 + position) % (1 << 63))
+            return self.dataset[index]
 
     def __len__(self) -> int:
         return self.steps - self.start
@@ -445,8 +470,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         start = self.step
         global_batch = cfg.batch_size * cfg.grad_accum * self.dist.world
-        sampler = StepBatchSampler(len(self.dataset), global_batch, cfg.steps, cfg.seed, self.dist, start=start)
-        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
+        sampler = StepBatchSampler(len(self.dataset), global_batch, cfg.steps, cfg.seed, self.dist, start=start,
+                                   keyed=True)
+        loader = DataLoader(StepSeeded(self.dataset, cfg.seed), batch_sampler=sampler, collate_fn=self.collate_fn,
                             num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
                             # Its own generator: creating the iterator must not draw from the global RNG,
                             # or a resumed run would diverge from an uninterrupted one.
