@@ -192,6 +192,9 @@ class StepBatchSampler(Sampler[list[int]]):
             first = self.dist.rank * len(indices)
             yield [(step, first + position, index) for position, index in enumerate(indices)]
 
+    def __len__(self) -> int:
+        return self.steps - self.start
+
 
 class StepSeeded(Dataset):
     """A dataset whose every sample is drawn under a torch seed of its own, a function of (seed, step, its
@@ -210,9 +213,6 @@ class StepSeeded(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(((self.seed * 1_000_003 + step) * 1_000_003 + position) % (1 << 63))
             return self.dataset[index]
-
-    def __len__(self) -> int:
-        return self.steps - self.start
 
 
 # --------------------------------------------------------------------------- helpers

@@ -117,3 +117,16 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path):
     compiled.fit()
     for name, value in weights(eager).items():
         assert torch.allclose(value, weights(compiled)[name], atol=1e-5), name
+
+
+def test_step_seeded_samples_repeat_and_leave_the_callers_rng_alone():
+    from dsfuse.engine import Distributed, StepBatchSampler, StepSeeded
+
+    seeded = StepSeeded(NoisyToy(), seed=3)
+    assert len(seeded) == 64 and len(StepBatchSampler(64, 8, 10, 3, Distributed(), start=4)) == 6
+    state = torch.get_rng_state()
+    first, again, other = seeded[(5, 2, 7)], seeded[(5, 2, 7)], seeded[(5, 3, 7)]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(first[0], again[0]) and not torch.equal(first[0], other[0])
+    keyed = list(StepBatchSampler(10, 4, 2, 3, Distributed(rank=1, world=2), keyed=True))
+    assert [k[:2] for k in keyed[0]] == [(0, 2), (0, 3)]  # this rank's half of the global batch
