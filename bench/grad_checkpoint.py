@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 from dsfuse.device import select_device
 from dsfuse.models.audio import AudioEmotionClassifier, AudioEmotionConfig
 from dsfuse.models.unet import UNet, UNetConfig
-from dsfuse.nn.checkpointing import set_grad_checkpointing
+from dsfuse.nn.checkpointing import saved_activation_bytes, set_grad_checkpointing
 
 Workload = tuple[torch.nn.Module, Callable[[torch.nn.Module], torch.Tensor]]
 
@@ -52,20 +52,6 @@ def unet_workload(scale: int, device: torch.device) -> Workload:
     return model, lambda m: (m(x, t) - x).square().mean()
 
 
-def saved_bytes(model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor]) -> int:
-    total = 0
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_of(model).backward()
-    model.zero_grad(set_to_none=True)
-    return total
-
-
 def measure(model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor], checkpointing: bool,
             device: torch.device, steps: int) -> dict[str, float]:
     """Median step time (forward, backward, AdamW) and peak memory in MiB."""
@@ -85,7 +71,10 @@ def measure(model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.T
             torch.cuda.synchronize()
         if step:
             times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else saved_bytes(model, loss_of))
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = saved_activation_bytes(lambda: loss_of(model))
     return {"step_ms": 1000 * statistics.median(times), "peak_mib": peak / 2**20}
 
 

@@ -8,7 +8,7 @@ import torch
 
 from dsfuse.models.audio import AudioEmotionClassifier, AudioEmotionConfig
 from dsfuse.models.unet import UNet, UNetConfig
-from dsfuse.nn.checkpointing import set_grad_checkpointing
+from dsfuse.nn.checkpointing import saved_activation_bytes, set_grad_checkpointing
 
 
 def loss_and_grads(model: torch.nn.Module, run, checkpointing: bool) -> tuple[float, dict[str, torch.Tensor]]:
@@ -50,29 +50,15 @@ def test_unet_gets_the_same_gradients_with_dropout():
         assert torch.allclose(grads[name], again[name], atol=1e-5), name
 
 
-def saved_bytes(model: torch.nn.Module, run) -> int:
-    """Bytes the autograd graph keeps for the backward pass of `run(model)`."""
-    total = 0
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run(model)
-    return total
-
-
 def test_checkpointing_keeps_fewer_activations():
     model = UNet(UNetConfig(image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=2,
                             attention_resolutions=(8,), head_channels=8)).train()
     x, t = torch.randn(4, 3, 16, 16), torch.tensor([1, 2, 3, 4])
     run = lambda m: m(x, t).square().mean()  # noqa: E731
     set_grad_checkpointing(model, False)
-    plain = saved_bytes(model, run)
+    plain = saved_activation_bytes(lambda: run(model))
     set_grad_checkpointing(model, True)
-    assert saved_bytes(model, run) < plain / 2
+    assert saved_activation_bytes(lambda: run(model)) < plain / 2
 
 
 def test_checkpointing_is_off_in_eval_and_without_gradients():

@@ -31,3 +31,18 @@ def set_grad_checkpointing(model: nn.Module, enabled: bool) -> int:
     for block in blocks:
         block.grad_checkpoint = enabled
     return len(blocks)
+
+
+def saved_activation_bytes(run: Callable[[], Any]) -> int:
+    """Bytes the autograd graph keeps for the backward pass while `run()` builds it: the memory that
+    checkpointing saves (and on CPU, where torch keeps no allocator statistics, the way to measure it)."""
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return total
