@@ -25,6 +25,8 @@ LabelScheme = Literal["folders", "ravdess", "crema-d"]
 SplitBy = Literal["random", "speaker"]
 SpeakerBy = Literal["name", "file", "all"]
 McpTransport = Literal["stdio", "http"]
+Precision = Literal["fp32", "bf16", "fp16"]
+TrainLogger = Literal["none", "tensorboard"]
 
 
 def values(choice: object) -> tuple[str, ...]:

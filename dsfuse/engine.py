@@ -1,8 +1,10 @@
 """The one training loop every trainer uses.
 
-AdamW with warmup + cosine decay, gradient clipping and accumulation, AMP on CUDA, EMA weights,
-a progress bar, `metrics.jsonl`, checkpoints every N steps and at the end, Ctrl-C that saves,
-exact `--resume`, and data parallelism through DDP under `torchrun`.
+AdamW with warmup + cosine decay, gradient clipping and accumulation, mixed precision (bf16, or fp16
+with a GradScaler), gradient checkpointing, torch.compile, EMA weights, a progress bar,
+`metrics.jsonl` (with TensorBoard beside it on request), checkpoints every N steps and at the end,
+Ctrl-C that saves, exact `--resume` (with DataLoader workers too), and data parallelism through DDP
+under `torchrun`.
 
 A trainer supplies a model, a dataset and a loss function; the engine owns everything else:
 
@@ -37,12 +39,15 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
+from dsfuse import choices
 from dsfuse.checkpoint import MODEL_FILE, CheckpointMeta, save_checkpoint
-from dsfuse.device import amp_dtype, seed_everything
+from dsfuse.device import seed_everything
 from dsfuse.errors import UsageError
 from dsfuse.io import atomic_path
+from dsfuse.nn.checkpointing import set_grad_checkpointing
 from dsfuse.report import observed_progress
-from dsfuse.runs import METRICS_FILE, STATE_FILE
+from dsfuse.runlog import RunLog, open_run_log
+from dsfuse.runs import METRICS_FILE, STATE_FILE, TrainOptions
 
 LossOutput = torch.Tensor | tuple[torch.Tensor, Mapping[str, float]]
 LossFn = Callable[[nn.Module, Any], LossOutput]
@@ -61,7 +66,10 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     grad_accum: int = 1
     ema_decay: float | None = None  # e.g. 0.999; the EMA weights are what model.safetensors holds
-    amp: bool = True  # used on CUDA only
+    precision: choices.Precision | None = None  # None: bf16 on CUDA where supported, else fp32
+    grad_checkpoint: bool = False  # recompute the activations of checkpointable blocks in the backward pass
+    compile: bool = False  # torch.compile the model for the training steps
+    logger: choices.TrainLogger = "none"  # where curves go beside metrics.jsonl
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
@@ -70,14 +78,41 @@ class TrainConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum"):
+        for name, option in (("steps", "steps"), ("batch_size", "batch-size"), ("grad_accum", "accumulate")):
             if getattr(self, name) < 1:
-                raise UsageError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}",
-                                 f"--{name.replace('_', '-')}")
+                raise UsageError(f"{option} must be at least 1, got {getattr(self, name)}", f"--{option}")
         if not self.lr > 0:
             raise UsageError(f"learning rate must be positive, got {self.lr}", "--lr")
+        if self.num_workers < 0:
+            raise UsageError(f"workers must be 0 or more, got {self.num_workers}", "--workers")
+        if self.precision is not None:
+            choices.check(self.precision, choices.Precision, "precision")
+        choices.check(self.logger, choices.TrainLogger, "logger")
+        if self.logger != "none":
+            open_run_log(self.logger, None)  # a missing package is refused before the run starts
         if self.warmup_steps is None:
             self.warmup_steps = min(100, self.steps // 10)
+
+    @classmethod
+    def of(cls, options: TrainOptions, **settings: Any) -> TrainConfig:
+        """The engine's settings from a trainer's options (`settings` adds or overrides the task's own)."""
+        return cls(**{"steps": options.steps, "batch_size": options.batch_size, "lr": options.lr,
+                      "eval_every": options.eval_every, "seed": options.seed, "precision": options.precision,
+                      "grad_accum": options.accumulate, "num_workers": options.workers,
+                      "grad_checkpoint": options.grad_checkpoint, "compile": options.compile,
+                      "logger": options.logger, **settings})
+
+
+def autocast_dtype(precision: choices.Precision | None, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `precision` on `device` (None: full fp32); refuses what the device cannot do."""
+    if precision is None:  # the default: bf16 where CUDA has it, fp32 elsewhere
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if precision == "fp16" and device.type != "cuda":
+        raise UsageError(f"fp16 training needs CUDA (its GradScaler); on {device.type} use bf16 or fp32",
+                         "--precision")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("this GPU has no bf16; use fp16 or fp32", "--precision")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 @dataclass
@@ -129,9 +164,9 @@ class StepBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, n: int, global_batch: int, steps: int, seed: int, dist_info: Distributed,
-                 start: int = 0, shuffle: bool = True):
+                 start: int = 0, shuffle: bool = True, keyed: bool = False):
         self.n, self.global_batch, self.steps, self.seed = n, global_batch, steps, seed
-        self.dist, self.start, self.shuffle = dist_info, start, shuffle
+        self.dist, self.start, self.shuffle, self.keyed = dist_info, start, shuffle, keyed
 
     def _epoch(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
@@ -148,12 +183,37 @@ class StepBatchSampler(Sampler[list[int]]):
         per_rank = self.global_batch // self.dist.world
         return out[self.dist.rank * per_rank:(self.dist.rank + 1) * per_rank]
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[int]] | Iterator[list[tuple[int, int, int]]]:
+        """Each step's indices; `keyed`: (step, position in the global batch, index) for `StepSeeded`."""
         for step in range(self.start, self.steps):
-            yield self.indices_for_step(step)
+            indices = self.indices_for_step(step)
+            if not self.keyed:
+                yield indices
+                continue
+            first = self.dist.rank * len(indices)
+            yield [(step, first + position, index) for position, index in enumerate(indices)]
 
     def __len__(self) -> int:
         return self.steps - self.start
+
+
+class StepSeeded(Dataset):
+    """A dataset whose every sample is drawn under a torch seed of its own, a function of (seed, step, its
+    position in the step's batch): its random crops and augmentations are the same whichever process
+    decodes it and however many workers there are, so `--resume` stays exact with `--workers`. The
+    caller's RNG is left as it was."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int, int]) -> Any:
+        step, position, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + step) * 1_000_003 + position) % (1 << 63))
+            return self.dataset[index]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -209,7 +269,14 @@ def ema_with_warmup(decay: float) -> Callable:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, (DistributedDataParallel, AveragedModel)) else model
+    """The model inside DDP, EMA and torch.compile wrappers."""
+    while True:
+        if isinstance(model, (DistributedDataParallel, AveragedModel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _rng_state() -> dict[str, Any]:
@@ -267,13 +334,17 @@ class Trainer:
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=cfg.betas, fused=self.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
-        self.amp_dtype = amp_dtype(self.device) if cfg.amp else None
+        self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        set_grad_checkpointing(self.model, cfg.grad_checkpoint)
         self.net: nn.Module = (DistributedDataParallel(self.model, device_ids=[self.device.index]
                                                        if self.device.type == "cuda" else None)
                                if self.dist.world > 1 else self.model)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
         self.step = 0
         self.stop_requested = False
+        self.run_log: RunLog | None = None
 
     def request_stop(self) -> None:
         """Finish the current step, save, and return (what the first Ctrl-C does)."""
@@ -341,6 +412,8 @@ class Trainer:
         if self.dist.is_main:
             with open(self.run_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps({"step": self.step, **record}) + "\n")
+            if self.run_log is not None:
+                self.run_log.scalars(self.step, record)
 
     def run_evaluation(self) -> dict[str, float]:
         if not (self.evaluate and self.dist.is_main):
@@ -353,6 +426,8 @@ class Trainer:
         model.train(was_training)
         if metrics:
             self.log({"eval": metrics})
+        if self.run_log is not None:
+            self.run_log.images(self.step)
         return metrics
 
     # ---- the step
@@ -368,7 +443,7 @@ class Trainer:
         micro_batches = split_batch(batch, cfg.grad_accum)
         for i, micro in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1 or self.dist.world == 1
-            with (nullcontext() if sync else self.net.no_sync()), self._autocast():
+            with (nullcontext() if sync else unwrap_compiled(self.net).no_sync()), self._autocast():
                 out = self.loss_fn(self.net, to_device(micro, self.device))
                 loss, extras = (out, {}) if isinstance(out, torch.Tensor) else out
                 self.scaler.scale(loss / len(micro_batches)).backward()
@@ -396,14 +471,17 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         start = self.step
         global_batch = cfg.batch_size * cfg.grad_accum * self.dist.world
-        sampler = StepBatchSampler(len(self.dataset), global_batch, cfg.steps, cfg.seed, self.dist, start=start)
-        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
+        sampler = StepBatchSampler(len(self.dataset), global_batch, cfg.steps, cfg.seed, self.dist, start=start,
+                                   keyed=True)
+        loader = DataLoader(StepSeeded(self.dataset, cfg.seed), batch_sampler=sampler, collate_fn=self.collate_fn,
                             num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
                             # Its own generator: creating the iterator must not draw from the global RNG,
                             # or a resumed run would diverge from an uninterrupted one.
                             generator=torch.Generator().manual_seed(cfg.seed + start))
         bar = tqdm(total=cfg.steps, initial=start, desc=f"train {self.meta.kind}", unit="step", dynamic_ncols=True,
                    disable=cfg.quiet or not self.dist.is_main, leave=False)
+        if self.dist.is_main and cfg.logger != "none":
+            self.run_log = open_run_log(cfg.logger, self.run_dir, start)
         t0, window_t, window_n = time.perf_counter(), time.perf_counter(), 0
         logged = [r for r in read_metrics(self.run_dir) if "loss" in r] if start >= cfg.steps else []
         # a finished run resumed for no more steps: report its last logged numbers
@@ -434,12 +512,21 @@ class Trainer:
             bar.close()
             if in_main_thread:
                 signal.signal(signal.SIGINT, previous_handler)
-        if not self.stop_requested:
-            metrics.update({f"eval_{k}": v for k, v in self.run_evaluation().items()})
-        self.save()
+        try:
+            if not self.stop_requested:
+                metrics.update({f"eval_{k}": v for k, v in self.run_evaluation().items()})
+            self.save()
+        finally:
+            if self.run_log is not None:
+                self.run_log.close()
         if dist.is_initialized():
             dist.barrier()
         return TrainResult(self.run_dir, self.step, metrics, self.stop_requested, time.perf_counter() - t0)
+
+
+def unwrap_compiled(net: nn.Module) -> nn.Module:
+    """The module torch.compile wrapped (the DDP wrapper, whose no_sync the loop needs), or `net`."""
+    return getattr(net, "_orig_mod", net)
 
 
 def fit(model: nn.Module, dataset: Dataset, loss_fn: LossFn, cfg: TrainConfig, run_dir: str | os.PathLike, *,

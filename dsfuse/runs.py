@@ -5,7 +5,10 @@
 - A trainer's options are a `TrainOptions` dataclass, recorded in the checkpoint. `--resume` adopts the
   recorded options, and refuses any option given explicitly on the command line that contradicts its
   record (exit 2, one line naming the option), except the ones a run may change (`CHANGEABLE`: more
-  steps, another evaluation interval) and paths (a data folder may move; its classes are checked).
+  steps, another evaluation interval, how the engine runs) and paths (a data folder may move; its
+  classes are checked).
+- Every run writes `args.yaml`: the options of the command that started it (`record_command`), so
+  `--config RUN/args.yaml --out RUN2` repeats it; a resume updates the options it was given.
 """
 
 from __future__ import annotations
@@ -15,16 +18,21 @@ import json
 import os
 import re
 import typing
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+import yaml
+
 from dsfuse.checkpoint import MODEL_FILE, CheckpointMeta, check_kind, check_weights_fit, read_metadata
+from dsfuse.choices import Precision, TrainLogger
 from dsfuse.errors import UsageError
-from dsfuse.io import remove_stale_temporaries
+from dsfuse.io import remove_stale_temporaries, write_text
 
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
+ARGS_FILE = "args.yaml"
 RUNS_ROOT = Path("runs")
 RUN_NAME = "train"
 
@@ -40,8 +48,23 @@ class TrainOptions:
     lr: float
     eval_every: int = 0
     seed: int = 0
+    # how the engine runs (engine.TrainConfig.of passes them on)
+    precision: Precision | None = None  # None: bf16 on CUDA where supported, else fp32
+    accumulate: int = 1  # micro-batches of batch_size per optimizer step
+    workers: int = 0  # DataLoader worker processes
+    grad_checkpoint: bool = False
+    compile: bool = False
+    logger: TrainLogger = "none"
 
-    CHANGEABLE: ClassVar[frozenset[str]] = frozenset({"steps", "eval_every"})
+    # a resumed run may change these: they do not change what is computed
+    CHANGEABLE: ClassVar[frozenset[str]] = frozenset({"steps", "eval_every", "workers", "grad_checkpoint",
+                                                      "compile", "logger"})
+
+    def __post_init__(self) -> None:
+        if self.accumulate < 1:
+            raise UsageError(f"must be at least 1, got {self.accumulate}", "--accumulate")
+        if self.workers < 0:
+            raise UsageError(f"must be 0 or more, got {self.workers}", "--workers")
 
     def record(self) -> dict[str, Any]:
         """The options as JSON values, as the checkpoint keeps them."""
@@ -106,5 +129,67 @@ def prepare_run_dir(run_dir: str | os.PathLike, resume: bool, force: bool) -> Pa
         for name in (STATE_FILE, MODEL_FILE, METRICS_FILE):
             (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(run_dir, [STATE_FILE, MODEL_FILE, METRICS_FILE])  # from a run killed mid-save
+    remove_stale_temporaries(run_dir, [STATE_FILE, MODEL_FILE, METRICS_FILE, ARGS_FILE])  # a run killed mid-save
+    write_run_args(run_dir, resume)
     return run_dir
+
+
+# --------------------------------------------------------------------------- args.yaml
+
+@dataclasses.dataclass(frozen=True)
+class CommandArgs:
+    """The options a trainer command runs with (option name -> value), and those the user gave."""
+
+    command: str
+    values: Mapping[str, Any]
+    explicit: frozenset[str] = frozenset()
+
+
+_command_args: ContextVar[CommandArgs | None] = ContextVar("command_args", default=None)
+
+
+def record_command(args: CommandArgs | None) -> None:
+    """Set what `prepare_run_dir` writes as the run's args.yaml (the running trainer command's options)."""
+    _command_args.set(args)
+
+
+def read_run_args(path: str | os.PathLike) -> dict[str, Any]:
+    """An args.yaml (or any config file) as a mapping; a file that is not one is a UsageError naming it."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        raise UsageError(f"not valid YAML: {getattr(e, 'problem', None) or type(e).__name__}", where) from None
+    except UnicodeDecodeError:
+        raise UsageError("not valid YAML: not UTF-8 text", path) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise UsageError("expected a mapping of option names to values", path)
+    return data
+
+
+def write_run_args(run_dir: Path, resume: bool) -> None:
+    """Write RUN/args.yaml from the recorded command; a resume keeps the run's and updates the options given."""
+    args = _command_args.get()
+    if args is None:
+        return
+    values = {k: _yaml_value(v) for k, v in args.values.items()}  # null: the option's default
+    path = run_dir / ARGS_FILE
+    if resume and path.exists():
+        try:
+            saved = read_run_args(path)
+        except UsageError:
+            saved = {}
+        values = {**saved, **{k: v for k, v in values.items() if k in args.explicit}}
+    header = (f"# {args.command}: the options of this run. Repeat it with\n"
+              f"#   {args.command} --config {path} --out NEW_RUN\n")
+    write_text(path, header + yaml.safe_dump(values, sort_keys=False))
+
+
+def _yaml_value(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_yaml_value(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)

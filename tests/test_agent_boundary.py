@@ -82,6 +82,13 @@ def test_the_model_cannot_set_force_debug_or_help(folder):
             validate_arguments(TOOLS["sample"], {"checkpoint": "run", "out": "o.png", name: True})
 
 
+def test_the_model_cannot_pass_a_config_file(folder):  # its paths would escape the boundary's checks
+    assert "config" not in TOOLS["train-ddpm"].schema["properties"]
+    assert "precision" in TOOLS["train-ddpm"].schema["properties"]  # the engine's options are tools' too
+    with pytest.raises(ToolArgumentError, match="unknown argument"):
+        validate_arguments(TOOLS["train-ddpm"], {"data": "photos", "config": "photos/args.yaml"})
+
+
 def test_writing_over_an_existing_path_is_asked_even_with_yes(folder):
     checked = call("sample", folder, checkpoint="run", out="photos/family.png")
     assert checked.overwrites == [folder / "photos" / "family.png"]

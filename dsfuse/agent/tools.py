@@ -17,8 +17,9 @@ import typer
 
 from dsfuse.agent.boundary import OUTPUT_PARAMS, Boundary, BoundaryError, CheckedCall, tool_command
 
-# Options the agent sets itself (machine-readable, quiet), and those a model may never set.
-MANAGED_OPTIONS = {"json", "quiet", "debug", "force", "help"}
+# Options the agent sets itself (machine-readable, quiet), and those a model may never set (a --config
+# file's paths would pass the boundary unchecked).
+MANAGED_OPTIONS = {"json", "quiet", "debug", "force", "help", "config"}
 # `chat` and `mcp` would recurse (an agent serving agents); `demo` runs every command for minutes.
 EXCLUDED_COMMANDS = {"chat", "demo", "mcp"}
 LIST_FILES = "list_files"

@@ -11,16 +11,16 @@ from typing import Annotated, Any
 import typer
 
 from dsfuse.choices import FeedForward, Fusion, LabelScheme, SpeakerBy, SplitBy
-from dsfuse.cli.common import (CheckpointOpt, DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, RunOutOpt,
-                               SeedOpt, choice_metavar, command, expand_inputs, for_each_input, given_options, report_training,
-                               tabulate_each_input)
+from dsfuse.cli.common import (CheckpointOpt, DebugOpt, DeviceOpt, EngineOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt,
+                               RunOutOpt, SeedOpt, choice_metavar, command, expand_inputs, for_each_input,
+                               given_options, report_training, tabulate_each_input, trainer)
 from dsfuse.report import console, emit_json, print_table
 
 app = typer.Typer(help="Speech emotion: train on labelled clips, predict labels or timelines, make a synthetic set.",
                   no_args_is_help=True)
 
 
-@command
+@trainer
 def train(
     data: Annotated[Path, typer.Argument(help="Folder of labelled clips (see --labels).")],
     out: RunOutOpt = None,
@@ -62,7 +62,7 @@ def train(
     json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
-    force: ForceOpt = False,
+    force: ForceOpt = False, *, engine: EngineOpt,
 ) -> None:
     """Train a speech-emotion classifier (log-mel, MLA transformer) and report held-out accuracy and F1.
 
@@ -77,7 +77,7 @@ def train(
     options = task.SpeechEmotionOptions(
         data=data, labels=labels, split_by=split_by, heldout=heldout, heldout_fraction=heldout_fraction, steps=steps,
         batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed, dim=dim, depth=depth, ffn=ffn, n_mels=n_mels,
-        crop_seconds=crop_seconds, speaker_norm=speaker_norm, speaker_pattern=speaker_pattern, fusion=fusion)
+        crop_seconds=crop_seconds, speaker_norm=speaker_norm, speaker_pattern=speaker_pattern, fusion=fusion, **engine)
     result, summary = task.train(options, run_dir_for(out, task.TASK, resume), resume=resume, force=force,
                                  explicit=given_options(), device=select_device(device), quiet=quiet)
     if not json and "f1" in summary:

@@ -9,9 +9,9 @@ from typing import Annotated
 import typer
 
 from dsfuse import choices
-from dsfuse.cli.common import (DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, RunOutOpt, SeedOpt,
-                               choice_metavar, command, expand_inputs, given_options, report_training,
-                               tabulate_each_input)
+from dsfuse.cli.common import (DebugOpt, DeviceOpt, EngineOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, RunOutOpt,
+                               SeedOpt, choice_metavar, command, expand_inputs, given_options, report_training,
+                               tabulate_each_input, trainer)
 from dsfuse.errors import UsageError
 from dsfuse.report import console, emit_json, print_table
 
@@ -20,7 +20,7 @@ app = typer.Typer(help="Classify videos: train on class folders, predict per fil
                   no_args_is_help=True)
 
 
-@command
+@trainer
 def train(
     data: Annotated[Path, typer.Argument(help="A folder with one sub-folder of videos per class.")],
     out: RunOutOpt = None,
@@ -37,14 +37,13 @@ def train(
     held_out: Annotated[float, typer.Option("--held-out", help="Fraction of each class kept out of training "
                                                                "to measure accuracy.")] = 0.2,
     eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate every N steps (0: at the end).")] = 0,
-    workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")] = 0,
     fusion: Annotated[choices.Fusion, typer.Option(
         "--fusion", metavar=choice_metavar(choices.Fusion), help="Fuse the frames with the video's soundtrack by this "
                                                           "strategy (none: frames alone).")] = "none",
     compare_fusion: Annotated[bool, typer.Option("--compare-fusion", help="Train every fusion strategy into "
                                                                           "OUT/<strategy> and tabulate them.")] = False,
     resume: ResumeOpt = False, device: DeviceOpt = "auto", seed: SeedOpt = 0, json: JsonOpt = False,
-    quiet: QuietOpt = False, debug: DebugOpt = False, force: ForceOpt = False,
+    quiet: QuietOpt = False, debug: DebugOpt = False, force: ForceOpt = False, *, engine: EngineOpt,
 ) -> None:
     """Train a video classifier on DATA/<class>/*.mp4; report held-out accuracy and a confusion matrix.
 
@@ -55,7 +54,7 @@ def train(
 
     options = video.VideoTrainOptions(data=data, backbone=backbone, pretrained=pretrained, steps=steps,
                                       batch_size=batch_size, lr=lr, frames=frames, fps=fps, held_out=held_out,
-                                      eval_every=eval_every, workers=workers, fusion=fusion, seed=seed)
+                                      eval_every=eval_every, fusion=fusion, seed=seed, **engine)
     if compare_fusion and resume:
         raise UsageError("--compare-fusion trains every strategy afresh; it cannot --resume", "--compare-fusion")
     out = runs.run_dir_for(out, video.TASK, resume)

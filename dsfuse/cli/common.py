@@ -2,6 +2,7 @@
 
 A command is a plain function decorated with `@command`, taking the shared options as `Annotated`
 aliases (`device: DeviceOpt = "auto"`). Errors become `error: <what> (<where>)` on stderr.
+A trainer is decorated with `@trainer` instead: the engine's options and `--config` join its own.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ import glob
 import inspect
 import sys
 import traceback
+import types
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import typer
 
+from dsfuse.choices import Precision, TrainLogger
 from dsfuse.errors import DsfuseError, InputError, UsageError
 from dsfuse.report import emit_json, error_line, observed_progress, print_table
 
@@ -98,8 +101,8 @@ def given_options() -> set[str]:
     ctx = get_current_context(silent=True)
     if ctx is None:
         return set()
-    return {name for name in ctx.params
-            if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.DEFAULT_MAP)  # or --config
+    return {name for name in ctx.params if ctx.get_parameter_source(name) in given}
 
 
 def expand_inputs(inputs: Iterable[str | Path], suffixes: Iterable[str] | None = None) -> list[Path]:
@@ -192,3 +195,139 @@ def report_training(result: Any, summary: dict[str, Any], as_json: bool) -> None
     if result.interrupted:
         error_line(f"interrupted at step {result.step}; saved — continue with --resume ({result.run_dir})")
         raise typer.Exit(130)
+
+
+# --------------------------------------------------------------------------- trainers
+
+# The engine's options, which every trainer takes (runs.TrainOptions holds them; engine.TrainConfig.of passes
+# them on): declared once here, added to each trainer's own by @trainer.
+ENGINE_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "precision": (Annotated[Precision | None, typer.Option(
+        "--precision", help="Mixed precision of the training steps (default: bf16 on CUDA where supported, "
+                            "else fp32; fp16 needs CUDA).")], None),
+    "accumulate": (Annotated[int, typer.Option(
+        "--accumulate", min=1, help="Micro-batches of --batch-size summed per optimizer step.")], 1),
+    "workers": (Annotated[int, typer.Option(
+        "--workers", min=0, help="DataLoader worker processes decoding the data (--resume stays exact).")], 0),
+    "grad_checkpoint": (Annotated[bool, typer.Option(
+        "--grad-checkpoint", help="Recompute the transformer/UNet blocks' activations in the backward pass: "
+                                  "less memory, more time.")], False),
+    "compile": (Annotated[bool, typer.Option("--compile", help="torch.compile the model for training.")], False),
+    "logger": (Annotated[TrainLogger, typer.Option(
+        "--logger", help="Live curves and images beside metrics.jsonl: tensorboard writes RUN/tensorboard.")],
+        "none"),
+}
+EngineOpt = dict[str, Any]  # a trainer's `*, engine: EngineOpt` parameter: what @trainer passes
+NOT_IN_CONFIG = frozenset({"config", "resume", "force", "json", "quiet", "debug"})  # how, not what, to run
+
+
+def trainer(fn: F) -> F:
+    """A trainer command: `fn` takes its own options and `engine` (the ENGINE_OPTIONS' values, for its
+    task's TrainOptions); `--config FILE` sets any option by name (the command line wins), and the run
+    writes every option it ran with to RUN/args.yaml."""
+    own = inspect.signature(fn, eval_str=True)
+    params = [p for p in own.parameters.values() if p.name != "engine"]
+    hints = {p.name: p.annotation for p in params}
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+             for name, (annotation, default) in ENGINE_OPTIONS.items()]
+    hints.update({p.name: p.annotation for p in added})
+    config = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Path | None, typer.Option("--config", is_eager=True, callback=_config_loader(hints),
+                                  help="A YAML file of options by name (such as a run's args.yaml); the "
+                                       "command line wins.")])
+
+    @functools.wraps(fn)
+    def run(**kwargs: Any) -> Any:
+        from typer._click.globals import get_current_context
+
+        from dsfuse.device import select_device
+        from dsfuse.engine import autocast_dtype
+        from dsfuse.runs import CommandArgs, record_command
+
+        kwargs.pop("config")
+        engine = {name: kwargs.pop(name) for name in ENGINE_OPTIONS}
+        autocast_dtype(engine["precision"], select_device(kwargs.get("device", "auto")))  # refuse before any work
+        ctx = get_current_context()
+        values = {p.name: ctx.params[p.name] for p in ctx.command.params  # in the order --help lists them
+                  if p.name in ctx.params and p.name not in NOT_IN_CONFIG}
+        record_command(CommandArgs(ctx.command_path, values, frozenset(given_options())))
+        return fn(**kwargs, engine=engine)
+
+    run.__signature__ = own.replace(parameters=params + added + [config])  # type: ignore[attr-defined]
+    return command(run)  # type: ignore[return-value]
+
+
+def _config_loader(hints: dict[str, Any]) -> Callable[[typer.Context, Path | None], Path | None]:
+    """The --config callback: the file's options become the command's defaults (before any other is read)."""
+
+    def load(ctx: typer.Context, value: Path | None) -> Path | None:
+        if value is None or ctx.resilient_parsing:
+            return value
+        try:
+            ctx.default_map = {**(ctx.default_map or {}), **config_options(value, hints)}
+        except DsfuseError as e:
+            error_line(e)
+            raise typer.Exit(e.exit_code) from None
+        except OSError as e:
+            error_line(os_error_text(e))
+            raise typer.Exit(2) from None
+        return value
+
+    return load
+
+
+def config_options(path: Path, hints: dict[str, Any]) -> dict[str, Any]:
+    """The options a config file sets, by parameter name, each checked against its option's type."""
+    from dsfuse.runs import read_run_args
+
+    options: dict[str, Any] = {}
+    for key, value in read_run_args(path).items():
+        name = key.lstrip("-").replace("-", "_")
+        if name in NOT_IN_CONFIG:
+            raise UsageError(f"{key!r} is not set from a config file; give it on the command line", path)
+        if name not in hints:
+            raise UsageError(f"unknown option {key!r}", path)
+        kind = _bare(hints[name])
+        if not _fits(value, kind):
+            raise UsageError(f"{key} must be {_describe(kind)}, got {value!r}", path)
+        options[name] = value
+    return options
+
+
+def _bare(annotation: Any) -> Any:
+    return get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
+
+
+def _alternatives(kind: Any) -> tuple[Any, ...] | None:
+    return get_args(kind) if get_origin(kind) in (Union, types.UnionType) else None
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    """Whether a YAML value is of an option's type (no coercion: `steps: "ten"` or `lr: true` is refused)."""
+    if (alternatives := _alternatives(kind)) is not None:
+        return any(_fits(value, k) for k in alternatives)
+    if kind is type(None):
+        return value is None
+    if get_origin(kind) is Literal:
+        return value in get_args(kind)
+    if get_origin(kind) in (list, tuple):
+        return isinstance(value, list) and all(_fits(v, get_args(kind)[0]) for v in value)
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return kind in (str, Path) and isinstance(value, str)
+
+
+def _describe(kind: Any) -> str:
+    if (alternatives := _alternatives(kind)) is not None:
+        return " or ".join(_describe(k) for k in alternatives)
+    if get_origin(kind) is Literal:
+        return "one of " + ", ".join(map(str, get_args(kind)))
+    if get_origin(kind) in (list, tuple):
+        return f"a list of ({_describe(get_args(kind)[0])})"
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "text",
+             Path: "a path"}
+    return names.get(kind, getattr(kind, "__name__", str(kind)))

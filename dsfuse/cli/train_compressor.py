@@ -8,11 +8,11 @@ from typing import Annotated
 import typer
 
 from dsfuse.choices import TrainableCompressMethod
-from dsfuse.cli.common import (DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, RunOutOpt, SeedOpt,
-                               command, given_options, report_training)
+from dsfuse.cli.common import (DebugOpt, DeviceOpt, EngineOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, RunOutOpt,
+                               SeedOpt, given_options, report_training, trainer)
 
 
-@command
+@trainer
 def train_compressor(
     data: Annotated[Path, typer.Argument(help="A folder of images (searched recursively); random crops of them "
                                               "are the training set.")],
@@ -38,7 +38,7 @@ def train_compressor(
     json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
-    force: ForceOpt = False,
+    force: ForceOpt = False, *, engine: EngineOpt,
 ) -> None:
     """Train a resampler or pixel-shuffle compressor to reconstruct a tokenizer's latents.
 
@@ -53,7 +53,7 @@ def train_compressor(
 
     options = compression.CompressorOptions(data=data, checkpoint=checkpoint, method=method, ratio=ratio, val=val,
                                             steps=steps, batch_size=batch_size, lr=lr, width=width, depth=depth,
-                                            eval_every=eval_every, views=views, seed=seed)
+                                            eval_every=eval_every, views=views, seed=seed, **engine)
     result, summary = compression.train(options, run_dir_for(out, compression.TASK, resume), resume=resume,
                                         force=force, explicit=given_options(), device=select_device(device),
                                         quiet=quiet or json)

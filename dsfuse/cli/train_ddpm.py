@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from dsfuse.choices import Objective, Schedule
-from dsfuse.cli.common import (DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, RunOutOpt, SeedOpt,
-                               command, given_options, report_training)
+from dsfuse.cli.common import (DebugOpt, DeviceOpt, EngineOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, RunOutOpt,
+                               SeedOpt, given_options, report_training, trainer)
 from dsfuse.errors import UsageError
 
 
@@ -24,7 +24,7 @@ def int_list(text: str, option: str) -> tuple[int, ...]:
     return values
 
 
-@command
+@trainer
 def train_ddpm(
     data: Annotated[Path, typer.Argument(help="Image folder; with --class-conditional one subfolder per class.")],
     out: RunOutOpt = None,
@@ -51,7 +51,7 @@ def train_ddpm(
     json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
-    force: ForceOpt = False,
+    force: ForceOpt = False, *, engine: EngineOpt,
 ) -> None:
     """Train a diffusion UNet (DDPM) on an image folder; the EMA weights are what `sample` uses.
 
@@ -65,7 +65,7 @@ def train_ddpm(
         schedule=schedule, objective=objective, min_snr=min_snr, class_conditional=class_conditional,
         label_dropout=label_dropout, base_channels=base_channels, res_blocks=res_blocks, dropout=dropout,
         channel_mults=int_list(channel_mults, "--channel-mults"), attention=int_list(attention, "--attention"),
-        ema_decay=ema_decay, sample_every=sample_every, seed=seed)
+        ema_decay=ema_decay, sample_every=sample_every, seed=seed, **engine)
     result, summary = diffusion.train(options, runs.run_dir_for(out, diffusion.TASK, resume), resume=resume,
                                       force=force, explicit=given_options(), device=device, quiet=quiet)
     report_training(result, summary, json)

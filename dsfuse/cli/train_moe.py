@@ -8,12 +8,12 @@ from typing import Annotated
 
 import typer
 
-from dsfuse.cli.common import (DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, RunOutOpt, SeedOpt,
-                               command, given_options, report_training)
+from dsfuse.cli.common import (DebugOpt, DeviceOpt, EngineOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, RunOutOpt,
+                               SeedOpt, given_options, report_training, trainer)
 from dsfuse.report import print_table
 
 
-@command
+@trainer
 def train_moe(
     out: RunOutOpt = None,
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps of each run in all (also when "
@@ -33,7 +33,7 @@ def train_moe(
     json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
-    force: ForceOpt = False,
+    force: ForceOpt = False, *, engine: EngineOpt,
 ) -> None:
     """Train one MoE classifier with aux-loss balancing, the aux-free bias and neither, and compare the loads.
 
@@ -47,7 +47,7 @@ def train_moe(
     from dsfuse.tasks import moe
 
     options = moe.MoETrainOptions(steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed,
-                                  experts=experts, top_k=top_k, shared=shared, capacity_factor=capacity_factor)
+                                  experts=experts, top_k=top_k, shared=shared, capacity_factor=capacity_factor, **engine)
     result, summary = moe.train(options, run_dir_for(out, moe.TASK, resume), resume=resume, force=force,
                                 explicit=given_options(), device=select_device(device), quiet=quiet or json)
     if not json:

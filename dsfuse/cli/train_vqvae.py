@@ -8,11 +8,11 @@ from typing import Annotated
 import typer
 
 from dsfuse.choices import Quantizer, TokenizerPreset
-from dsfuse.cli.common import (DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, RunOutOpt, SeedOpt,
-                               command, given_options, report_training)
+from dsfuse.cli.common import (DebugOpt, DeviceOpt, EngineOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, RunOutOpt,
+                               SeedOpt, given_options, report_training, trainer)
 
 
-@command
+@trainer
 def train_vqvae(
     data: Annotated[Path, typer.Argument(help="Folder of images (jpg, png, webp, bmp), searched recursively.")],
     out: RunOutOpt = None,
@@ -34,7 +34,7 @@ def train_vqvae(
     json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
-    force: ForceOpt = False,
+    force: ForceOpt = False, *, engine: EngineOpt,
 ) -> None:
     """Train an image tokenizer: a VQ-VAE whose images become grids of discrete tokens.
 
@@ -52,7 +52,7 @@ def train_vqvae(
     options = tokenizer.TokenizerOptions(
         data=data, val=val, quantizer=quantizer, codebook_size=codebook_size, downsample=downsample,
         image_size=image_size, latent_channels=latent_channels, base_channels=base_channels, preset=preset,
-        steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed)
+        steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed, **engine)
     result, summary = tokenizer.train(options, runs.run_dir_for(out, tokenizer.TASK, resume), resume=resume,
                                       force=force, explicit=given_options(), device=device, quiet=quiet)
     report_training(result, summary, json)

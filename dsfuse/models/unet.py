@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import nn
 
 from dsfuse.errors import ConfigError
+from dsfuse.nn.checkpointing import Checkpointable
 
 
 @dataclass
@@ -110,8 +111,9 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class Stage(nn.Module):
-    """One residual block, followed by self-attention at the resolutions that ask for it."""
+class Stage(Checkpointable):
+    """One residual block, followed by self-attention at the resolutions that ask for it (the unit that
+    gradient checkpointing recomputes)."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, cfg: UNetConfig, attend: bool):
         super().__init__()
@@ -119,6 +121,9 @@ class Stage(nn.Module):
         self.attn = SelfAttention(out_ch, cfg.head_channels) if attend else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.maybe_checkpoint(self._run, x, emb)
+
+    def _run(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return self.attn(self.res(x, emb))
 
 

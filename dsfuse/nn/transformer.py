@@ -9,13 +9,16 @@ import torch
 from torch import nn
 
 from dsfuse.nn.attention import AttentionConfig, CrossAttention, KVCache, build_attention
+from dsfuse.nn.checkpointing import Checkpointable
 from dsfuse.nn.ffn import SwiGLU
 from dsfuse.nn.moe import MoE, MoEConfig
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(Checkpointable):
     """Self-attention (any AttentionConfig kind), then a SwiGLU or DeepSeekMoE feed-forward, each behind
-    an RMSNorm. With ffn="moe", add `moe_aux_loss(model)` to the training loss."""
+    an RMSNorm. With ffn="moe", add `moe_aux_loss(model)` to the training loss. Under gradient
+    checkpointing the block recomputes its activations in the backward pass; a MoE block recomputes its
+    attention only (its router updates its balancing bias as it runs, which must happen once)."""
 
     def __init__(self, dim: int, attention: AttentionConfig, ffn: str = "swiglu", ffn_hidden: int | None = None,
                  moe: MoEConfig | None = None, norm_eps: float = 1e-6):
@@ -36,7 +39,15 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
                 cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), mask=mask, causal=causal, cache=cache)
+        if cache is not None:  # decoding: no gradients to save memory for
+            return self._feed_forward(x + self.attn(self.attn_norm(x), mask=mask, causal=causal, cache=cache))
+        x = x + self.maybe_checkpoint(self._attend, x, mask, causal)
+        return self._feed_forward(x) if isinstance(self.ffn, MoE) else self.maybe_checkpoint(self._feed_forward, x)
+
+    def _attend(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        return self.attn(self.attn_norm(x), mask=mask, causal=causal)
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.ffn(self.ffn_norm(x))
 
 

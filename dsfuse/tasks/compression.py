@@ -322,8 +322,7 @@ def train(options: CompressorOptions, out: Path, *, resume: bool, force: bool, e
     meta = None
     if resume:
         options, meta = resume_options(options, out, KIND, explicit)
-    train_cfg = TrainConfig(steps=options.steps, batch_size=options.batch_size, lr=options.lr,
-                            eval_every=options.eval_every, quiet=quiet, seed=options.seed)
+    train_cfg = TrainConfig.of(options, quiet=quiet)
     tokenizer, _ = load_checkpoint(options.checkpoint, "vqvae", device)
     tokenizer.requires_grad_(False)
     fingerprint = tokenizer.fingerprint()

@@ -142,9 +142,8 @@ def train(options: DiffusionOptions, out: Path, *, resume: bool = False, force: 
     torch_device = select_device(device)
     start = start_run(options, out, resume, explicit, torch_device)
     options, setup = start.options, start.setup
-    train_cfg = TrainConfig(steps=options.steps, batch_size=options.batch_size, lr=options.lr, seed=options.seed,
-                            ema_decay=capped_ema_decay(options.ema_decay, options.steps), quiet=quiet,
-                            eval_every=options.sample_every, checkpoint_every=options.sample_every)
+    train_cfg = TrainConfig.of(options, ema_decay=capped_ema_decay(options.ema_decay, options.steps), quiet=quiet,
+                               eval_every=options.sample_every, checkpoint_every=options.sample_every)
     images, labels, classes = training_images(start, quiet)
     if start.tokenizer is not None:  # latents scaled to unit variance, or as the resumed run scaled them
         images, setup.latent_scale = encode_latents(start.tokenizer, images, torch_device, quiet,

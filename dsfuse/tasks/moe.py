@@ -211,9 +211,8 @@ def train(options: MoETrainOptions, out: Path, *, resume: bool, force: bool, exp
         if resume and (name == names[0] or (out / name / STATE_FILE).exists()):
             options, metas[name] = resume_options(options, out / name, KIND, explicit)
     configs = {name: options.model_config(name) for name in names}
-    train_cfg = TrainConfig(steps=options.steps, batch_size=options.batch_size, lr=options.lr,
-                            log_every=max(1, options.steps // 50), eval_every=options.eval_every, quiet=quiet,
-                            seed=options.seed, amp=False)
+    train_cfg = TrainConfig.of(options, log_every=max(1, options.steps // 50), quiet=quiet,
+                               precision=options.precision or "fp32")  # routing in fp32 unless asked
     check_writable(out / PLOT, force or resume)  # before anything is made: a refusal leaves OUT as it was
     run_dirs = {name: prepare_run_dir(out / name, name in metas, force) for name in names}
     dataset, held_out = cluster_data(configs[names[0]], options.seed, device)

@@ -313,8 +313,7 @@ def train(options: SpeechEmotionOptions, run_dir: Path, *, resume: bool, force: 
     if resume:
         options, meta = runs.resume_options(options, run_dir, KIND, explicit)
     check_options(options)
-    train_cfg = TrainConfig(steps=options.steps, batch_size=options.batch_size, lr=options.lr,
-                            eval_every=options.eval_every, seed=options.seed, quiet=quiet)  # checks them, too
+    train_cfg = TrainConfig.of(options, quiet=quiet)  # checks them, too
     data = load_training_data(options, quiet)
     if meta is not None and list(meta.classes) != data.classes:
         raise UsageError(f"the run was trained on the classes {', '.join(meta.classes)}, this data has "

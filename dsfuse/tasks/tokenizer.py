@@ -82,8 +82,7 @@ def train(options: TokenizerOptions, out: Path, *, resume: bool = False, force: 
     else:
         options = options.resolved()
     cfg = model.config if model is not None else model_config(options)
-    train_config = TrainConfig(steps=options.steps, batch_size=options.batch_size, lr=options.lr,
-                               eval_every=options.eval_every, quiet=quiet, seed=options.seed)
+    train_config = TrainConfig.of(options, quiet=quiet)
     dataset = ImageFolder(options.data, cfg.image_size)
     for path in dataset.skipped:
         warn(f"skipped unreadable image ({path})")  # shown even with -q: data went unused

@@ -42,7 +42,6 @@ class VideoTrainOptions(runs.TrainOptions):
     frames: int | None
     fps: float | None
     held_out: float
-    workers: int
     fusion: choices.Fusion
 
     def check(self) -> None:
@@ -130,6 +129,7 @@ def train(options: VideoTrainOptions, out: Path, *, resume: bool = False, force:
 
 def fit_model(model: VideoClassifier, options: VideoTrainOptions, data: VideoData, out: Path, *, resume: bool,
               force: bool, device: torch.device, quiet: bool) -> tuple[TrainResult, dict]:
+    train_cfg = TrainConfig.of(options, quiet=quiet)
     run_dir = runs.prepare_run_dir(out, resume, force)
     config = model.config
 
@@ -139,9 +139,6 @@ def fit_model(model: VideoClassifier, options: VideoTrainOptions, data: VideoDat
     def evaluate_held_out(net: VideoClassifier, step: int) -> dict[str, float]:
         return evaluate(net, data.held, run_dir, device, options.batch_size)
 
-    train_cfg = TrainConfig(steps=options.steps, batch_size=options.batch_size, lr=options.lr,
-                            eval_every=options.eval_every, num_workers=options.workers, quiet=quiet,
-                            seed=options.seed)
     meta = CheckpointMeta.of(KIND, config, classes=tuple(data.classes), options=options.record())
     result = fit(model, data.train, loss_fn, train_cfg, run_dir, meta=meta, device=device, resume=resume,
                  evaluate=evaluate_held_out, collate_fn=collate_clips)
