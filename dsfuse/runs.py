@@ -102,13 +102,18 @@ def resume_options(options: O, run_dir: str | os.PathLike, kind: str | tuple[str
     current = options.record()
     adopted: dict[str, Any] = {}
     for name, saved in meta.options.items():
-        if name not in current or name in options.CHANGEABLE or "Path" in str(hints.get(name)):
+        if name not in current or name in options.CHANGEABLE or _is_path(hints.get(name)):
             continue
         if name in explicit and current[name] != saved:
             flag = "--" + name.replace("_", "-")
             raise UsageError(f"the run was started with {flag} {_shown(saved)}; --resume cannot change it", flag)
         adopted[name] = tuple(saved) if isinstance(getattr(options, name), tuple) else saved
     return dataclasses.replace(options, **adopted), meta
+
+
+def _is_path(hint: Any) -> bool:
+    """A path option (`Path`, `Path | None`): a data folder may move between a run and its resume."""
+    return hint is Path or Path in typing.get_args(hint)
 
 
 def _shown(value: Any) -> str:
