@@ -16,6 +16,9 @@ from dsfuse.errors import UsageError
 from dsfuse.report import console, emit_json, print_table
 
 
+WeightsOpt = Annotated[Path | None, typer.Option("--weights", help="With --pretrained: this Kinetics-400 .pth "
+                                                "file instead of the cache or a download.")]
+
 app = typer.Typer(help="Classify videos: train on class folders, predict per file, make a synthetic dataset.",
                   no_args_is_help=True)
 
@@ -26,8 +29,9 @@ def train(
     out: RunOutOpt = None,
     backbone: Annotated[choices.Backbone, typer.Option("--backbone", metavar=choice_metavar(choices.Backbone),
                                                        help="The video encoder.")] = "small3d",
-    pretrained: Annotated[bool, typer.Option("--pretrained", help="Start from Kinetics-400 weights in the local "
-                                                                  "torch hub cache (never downloaded).")] = False,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="Start from torchvision's Kinetics-400 weights "
+                                             "(torch hub's cache, else downloaded unless DSFUSE_OFFLINE=1).")] = False,
+    weights: WeightsOpt = None,
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 600,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Clips per step.")] = 16,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, warmup + cosine).")] = 2e-3,
@@ -54,7 +58,7 @@ def train(
 
     options = video.VideoTrainOptions(data=data, backbone=backbone, pretrained=pretrained, steps=steps,
                                       batch_size=batch_size, lr=lr, frames=frames, fps=fps, held_out=held_out,
-                                      eval_every=eval_every, fusion=fusion, seed=seed, **engine)
+                                      eval_every=eval_every, fusion=fusion, weights=weights, seed=seed, **engine)
     if compare_fusion and resume:
         raise UsageError("--compare-fusion trains every strategy afresh; it cannot --resume", "--compare-fusion")
     out = runs.run_dir_for(out, video.TASK, resume)
@@ -84,8 +88,9 @@ def predict(
     backbone: Annotated[choices.PretrainedBackbone | None, typer.Option(
         "--backbone", metavar=choice_metavar(choices.PretrainedBackbone),
         help="With --pretrained: the Kinetics-400 model.")] = None,
-    pretrained: Annotated[bool, typer.Option("--pretrained", help="Use torchvision's Kinetics-400 weights from "
-                                                                  "the local torch hub cache.")] = False,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="Use torchvision's Kinetics-400 weights (torch "
+                                             "hub's cache, else downloaded unless DSFUSE_OFFLINE=1).")] = False,
+    weights: WeightsOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", help="How many labels to report per video.")] = 5,
     clips: Annotated[int, typer.Option("--clips", help="Clips spread over each video; scores are averaged.")] = 3,
     device: DeviceOpt = "auto", seed: SeedOpt = 0, json: JsonOpt = False, quiet: QuietOpt = False,
@@ -100,7 +105,8 @@ def predict(
     from dsfuse.tasks.video import load_predictor
 
     paths = expand_inputs(videos, VIDEO_SUFFIXES)  # before the model: a typo fails fast
-    predictor = load_predictor(checkpoint, backbone, pretrained, top_k=top_k, clips=clips, device=device, seed=seed)
+    predictor = load_predictor(checkpoint, backbone, pretrained, top_k=top_k, clips=clips, device=device, seed=seed,
+                               weights=weights, quiet=quiet)
     title = "classify-video predict" + (f" ({predictor.fusion} fusion with the soundtrack)"
                                         if predictor.fusion != "none" else "")
 

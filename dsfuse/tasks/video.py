@@ -23,10 +23,11 @@ from dsfuse.engine import TrainConfig, TrainResult, fit, read_metrics, to_device
 from dsfuse.errors import UsageError
 from dsfuse.io import claim_output_folder
 from dsfuse.metrics import accuracy, confusion_matrix
-from dsfuse.models.video import (AV_VIDEO_KIND, VideoClassifier, VideoConfig, kinetics_categories, load_av_video,
-                                 require_kinetics_weights)
+from dsfuse.models.video import (AV_VIDEO_KIND, VideoClassifier, VideoConfig, kinetics_categories, kinetics_url,
+                                 load_av_video)
 from dsfuse.plots import plot_confusion, plot_curves
 from dsfuse.report import warn
+from dsfuse.weights import WeightsFile, load_state_dict, resolve
 
 TASK = KIND = "video"  # the default run directories (runs/video/train, ...) and the checkpoint kind
 FUSED_STRATEGIES = tuple(s for s in choices.values(choices.Fusion) if s != "none")
@@ -43,12 +44,15 @@ class VideoTrainOptions(runs.TrainOptions):
     fps: float | None
     held_out: float
     fusion: choices.Fusion
+    weights: Path | None = None  # with pretrained: this Kinetics-400 file instead of the cache or a download
 
     def check(self) -> None:
         if not 0 < self.held_out < 1:
             raise UsageError(f"held-out fraction must be between 0 and 1, got {self.held_out}", "--held-out")
         if (self.frames is not None and self.frames < 1) or (self.fps is not None and self.fps <= 0):
             raise UsageError("frames must be at least 1 and fps positive", "--frames/--fps")
+        if self.weights is not None and not self.pretrained:
+            raise UsageError("--weights is the file of --pretrained", "--weights")
 
     def config(self) -> VideoConfig:
         """The model's config before the data is known (the classes, the soundtrack's statistics)."""
@@ -93,7 +97,18 @@ def load_data(options: VideoTrainOptions, config: VideoConfig, quiet: bool = Fal
 
 # --------------------------------------------------------------------------- training
 
-def new_model(options: VideoTrainOptions, config: VideoConfig, data: VideoData) -> VideoClassifier:
+def kinetics_weights(backbone: str, explicit: Path | None = None, quiet: bool = False) -> Path:
+    """`backbone`'s Kinetics-400 weights file: `explicit`, else torch hub's cache, else downloaded (when online)."""
+    return resolve(WeightsFile(kinetics_url(backbone)), explicit, option="--pretrained", quiet=quiet)
+
+
+def load_kinetics(model: VideoClassifier, explicit: Path | None = None, quiet: bool = False) -> None:
+    path = kinetics_weights(model.config.backbone, explicit, quiet)
+    model.load_kinetics(load_state_dict(path), path)
+
+
+def new_model(options: VideoTrainOptions, config: VideoConfig, data: VideoData, quiet: bool = False
+              ) -> VideoClassifier:
     """A seeded model for `data`'s classes (and its soundtracks' log-mel statistics), Kinetics weights if asked."""
     config = replace(config, num_classes=len(data.classes))
     if config.fused:
@@ -103,7 +118,7 @@ def new_model(options: VideoTrainOptions, config: VideoConfig, data: VideoData) 
     seed_everything(options.seed)
     model = VideoClassifier(config)
     if options.pretrained:
-        model.load_kinetics()
+        load_kinetics(model, options.weights, quiet)
     return model
 
 
@@ -115,7 +130,7 @@ def train(options: VideoTrainOptions, out: Path, *, resume: bool = False, force:
         options, meta = runs.resume_options(options, out, KIND, explicit)
     options.check()
     if options.pretrained and not resume:
-        require_kinetics_weights(options.backbone)  # before reading any video
+        kinetics_weights(options.backbone, options.weights, quiet)  # before reading any video
     torch_device = select_device(device)
     model = build_model(meta) if meta else None
     config = model.config if model else options.config()
@@ -123,7 +138,7 @@ def train(options: VideoTrainOptions, out: Path, *, resume: bool = False, force:
     if meta and list(meta.classes) != data.classes:
         raise UsageError("the class folders differ from the run's; resume with the same data", options.data)
     if model is None:
-        model = new_model(options, config, data)
+        model = new_model(options, config, data, quiet)
     return fit_model(model, options, data, out, resume=resume, force=force, device=torch_device, quiet=quiet)
 
 
@@ -182,7 +197,7 @@ def compare_fusion(options: VideoTrainOptions, out: Path, *, force: bool = False
     def each() -> Iterator[tuple[TrainResult, dict[str, Any]]]:
         for strategy in FUSED_STRATEGIES:
             started, chosen = time.perf_counter(), replace(options, fusion=strategy)
-            model = new_model(chosen, replace(config, fusion=strategy), data)
+            model = new_model(chosen, replace(config, fusion=strategy), data, quiet)
             result, summary = fit_model(model, chosen, data, out / strategy, resume=False, force=force,
                                         device=torch_device, quiet=quiet)
             yield result, {"fusion": strategy, "accuracy": summary["accuracy"],
@@ -201,17 +216,18 @@ def load_trained(checkpoint: Path, device: torch.device | str = "cpu") -> tuple[
     return load_checkpoint(checkpoint, kind=KIND, device=device)
 
 
-def load_classifier(checkpoint: Path | None, backbone: choices.PretrainedBackbone | None,
-                    device: torch.device) -> tuple[VideoClassifier, list[str]]:
-    """A trained checkpoint with its class names, or (no checkpoint) torchvision's Kinetics-400 `backbone`."""
+def load_classifier(checkpoint: Path | None, backbone: choices.PretrainedBackbone | None, device: torch.device,
+                    weights: Path | None = None, quiet: bool = False) -> tuple[VideoClassifier, list[str]]:
+    """A trained checkpoint with its class names, or (no checkpoint) torchvision's Kinetics-400 `backbone`
+    (from the `weights` file, else the cache, else a download)."""
     if checkpoint is not None:
         model, meta = load_trained(checkpoint, device)
         return model, meta.class_names(checkpoint)
     if backbone is None:
         raise UsageError("--pretrained needs --backbone", "--backbone")
-    require_kinetics_weights(backbone)  # before building a large model for nothing
+    path = kinetics_weights(backbone, weights, quiet)  # before building a large model for nothing
     model = VideoClassifier(VideoConfig.for_backbone(backbone, 400))
-    model.load_kinetics()
+    model.load_kinetics(load_state_dict(path), path)
     return model.to(device).eval(), kinetics_categories(backbone)
 
 
@@ -249,17 +265,21 @@ class VideoPredictor:
 
 
 def load_predictor(checkpoint: Path | None, backbone: choices.PretrainedBackbone | None, pretrained: bool, *,
-                   top_k: int, clips: int, device: str = "auto", seed: int = 0) -> VideoPredictor:
-    """The predictor of a trained checkpoint, or of a Kinetics-400 backbone with `pretrained`."""
+                   top_k: int, clips: int, device: str = "auto", seed: int = 0, weights: Path | None = None,
+                   quiet: bool = False) -> VideoPredictor:
+    """The predictor of a trained checkpoint, or of a Kinetics-400 backbone with `pretrained` (its `weights`
+    file, else the cache, else a download)."""
     if top_k < 1:
         raise UsageError(f"top-k must be at least 1, got {top_k}", "--top-k")
     if clips < 1:
         raise UsageError(f"clips must be at least 1, got {clips}", "--clips")
     if (checkpoint is None) == (not pretrained):
         raise UsageError("give either --checkpoint or --pretrained (with --backbone)", "--checkpoint/--pretrained")
+    if weights is not None and not pretrained:
+        raise UsageError("--weights is the file of --pretrained", "--weights")
     torch_device = select_device(device)
     seed_everything(seed)
-    model, classes = load_classifier(checkpoint, backbone, torch_device)
+    model, classes = load_classifier(checkpoint, backbone, torch_device, weights, quiet)
     return VideoPredictor(model, classes, torch_device, top_k, clips)
 
 
