@@ -212,9 +212,10 @@ def test_train_and_predict_through_the_command_with_a_base_architecture(tmp_path
     data = write_tones(tmp_path / "data", 6, seconds=0.5)
     env = {"TORCH_HOME": str(tmp_path / "torch"), "DSFUSE_OFFLINE": "1"}
     proc = run_cli("audio-emotion", "train", data, "--out", tmp_path / "run", "--encoder", "hubert-base",
-                   "--steps", "4", "--batch-size", "4", "--dim", "32", "--depth", "1", "--device", "cpu", env=env)
+                   "--steps", "4", "--batch-size", "4", "--dim", "32", "--depth", "1", "--device", "cpu", "--json",
+                   "-q", env=env)
     assert proc.returncode == 0, proc.stderr
-    assert "layer weights" in proc.stderr and "12" in proc.stderr  # the table: one row per layer
+    assert len(json.loads(proc.stdout)["layer_weights"]) == 12  # one per layer of the base architecture
     proc = run_cli("audio-emotion", "predict", data / "low", "-c", tmp_path / "run", "--json", "-q", env=env)
     assert proc.returncode == 0, proc.stderr
     assert len(json_lines(proc.stdout)) == 6

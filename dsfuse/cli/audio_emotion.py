@@ -12,9 +12,9 @@ import typer
 
 from dsfuse.choices import FeedForward, Fusion, LabelScheme, SpeakerBy, SpeechEncoder, SplitBy
 from dsfuse.cli.common import (CheckpointOpt, DebugOpt, DeviceOpt, EngineOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt,
-                               RunOutOpt, SeedOpt, choice_metavar, command, expand_inputs, for_each_input,
+                               RunOutOpt, SeedOpt, choice_metavar, command, expand_inputs, stream_timelines,
                                given_options, report_training, tabulate_each_input, trainer)
-from dsfuse.report import console, emit_json, print_table
+from dsfuse.report import emit_json, print_table
 
 app = typer.Typer(help="Speech emotion: train on labelled clips, predict labels or timelines, make a synthetic set.",
                   no_args_is_help=True)
@@ -140,20 +140,10 @@ def predict(
             paths, classifier.label_file, lambda p, r: [(p, r["label"], r["score"], r["duration"])],
             lambda rows: print_table(title, ["file", "label", "score", "seconds"], rows), as_json=json, quiet=quiet)
 
-    def stream_file(path: Path) -> dict[str, Any]:
-        segments = 0
-        for record in classifier.timeline(path, segment):
-            segments += 1
-            if json:  # each segment as soon as it is known: the timeline streams like the audio
-                emit_json({"file": str(path), **record})
-            else:
-                score = "" if record["score"] is None else f" {record['score']:.2f}"
-                console.print(f"{path}  {record['start']:8.2f}-{record['end']:8.2f}  {record['label'] or '(silence)'}"
-                              f"{score}", markup=False)
-        return {"segments": segments}
+    def describe(record: dict[str, Any]) -> str:
+        return "(silence)" if record["score"] is None else f"{record['label']} {record['score']:.2f}"
 
-    for _ in for_each_input(paths, stream_file, as_json=False, quiet=True):
-        pass
+    stream_timelines(paths, lambda path: classifier.timeline(path, segment), describe, as_json=json)
 
 
 @command

@@ -5,22 +5,27 @@ write a synthetic dataset. `classify-video` and `dsfuse demo` call in here.
 
 from __future__ import annotations
 
+import bisect
+import math
 import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dsfuse import choices, runs
 from dsfuse.checkpoint import CheckpointMeta, build_model, load_checkpoint, read_metadata
-from dsfuse.data.audio import LogMel, MelConfig
+from dsfuse.data.audio import SAMPLE_RATE, LogMel, MelConfig
 from dsfuse.data.av_video import AudioVisualFolder, collate_clips, soundtrack_mel
-from dsfuse.data.video import VideoFolder, read_clips, stratified_split
+from dsfuse.data.media import caption_frame, write_video_frames
+from dsfuse.data.video import (VideoFolder, clip_starts, iter_frames, probe_video, read_audio_track, read_clips,
+                               stratified_split)
 from dsfuse.device import seed_everything, select_device
 from dsfuse.engine import TrainConfig, TrainResult, fit, read_metrics, to_device, unwrap
-from dsfuse.errors import UsageError
+from dsfuse.errors import InputError, UsageError
 from dsfuse.io import claim_output_folder
 from dsfuse.metrics import accuracy, confusion_matrix
 from dsfuse.models.video import (AV_VIDEO_KIND, VideoClassifier, VideoConfig, kinetics_categories, kinetics_url,
@@ -251,17 +256,52 @@ class VideoPredictor:
         return self.model.config.fusion
 
     @torch.no_grad()
-    def probabilities(self, path: Path) -> torch.Tensor:
-        """Class probabilities [classes] of one video."""
+    def probabilities(self, path: Path, span: tuple[float, float] | None = None) -> torch.Tensor:
+        """Class probabilities [classes] of one video, or of its `span` (start, end) in seconds: the mean
+        over clips spread over it, heard with the soundtrack from the span's start when fused."""
         cfg = self.model.config
-        mel = (soundtrack_mel(path, cfg.audio_seconds, self.log_mel).to(self.device)  # first: no sound, no decoding
-               if self.log_mel else None)
-        frames = read_clips(path, cfg.frames, cfg.fps, self.clips, cfg.decode_size).to(self.device)
+        mel = (self.soundtrack(path, span).to(self.device) if self.log_mel else None)  # first: no sound, no decoding
+        starts = None if span is None else [span[0] + s for s in clip_starts(span[1] - span[0], cfg.frames / cfg.fps,
+                                                                             self.clips)]
+        frames = read_clips(path, cfg.frames, cfg.fps, self.clips, cfg.decode_size, starts=starts).to(self.device)
         mels = None if mel is None else mel[None].expand(len(frames), -1, -1)
         return self.model(self.model.preprocess(frames), mels).softmax(-1).mean(0)
 
+    def soundtrack(self, path: Path, span: tuple[float, float] | None) -> torch.Tensor:
+        """Log-mels of the first `audio_seconds` of the soundtrack, or of the span's (at most as long)."""
+        seconds = self.model.config.audio_seconds
+        if span is None:
+            return soundtrack_mel(path, seconds, self.log_mel)
+        wave = read_audio_track(path, SAMPLE_RATE, start=span[0], duration=min(span[1] - span[0], seconds))
+        if wave.numel() == 0:
+            raise InputError(f"audio track holds no samples at {span[0]:.2f} s", path)
+        return self.log_mel(wave)
+
     def __call__(self, path: Path) -> dict[str, Any]:
         return {"fusion": self.fusion, "top": top_labels(self.probabilities(path), self.classes, self.top_k)}
+
+    def timeline(self, path: Path, segment: float) -> Iterator[dict[str, Any]]:
+        """One record {start, end, top} per `segment` seconds (one segment when longer than the video),
+        each decoded on its own: memory stays flat over the video's length."""
+        duration = probe_video(path).duration
+        count = max(1, math.ceil(duration / segment - 1e-6))
+        for i in range(count):
+            start, end = i * segment, (duration if i == count - 1 else (i + 1) * segment)
+            probs = self.probabilities(path, (start, end))
+            yield {"start": round(start, 3), "end": round(end, 3), "top": top_labels(probs, self.classes, self.top_k)}
+
+
+def render_timeline(path: Path, records: list[dict[str, Any]], out: Path) -> Path:
+    """`path` re-encoded into `out` (H.264 mp4, at its frame rate) with each frame's segment label and score
+    drawn on it; frames stream through, so memory stays flat."""
+    ends = [r["end"] for r in records]
+
+    def captioned() -> Iterator[np.ndarray]:
+        for time, rgb in iter_frames(path):
+            best = records[min(bisect.bisect_right(ends, time), len(records) - 1)]["top"][0]
+            yield caption_frame(rgb, f"{best['label']} {best['score']:.2f}")
+
+    return write_video_frames(out, captioned(), probe_video(path).fps)
 
 
 def load_predictor(checkpoint: Path | None, backbone: choices.PretrainedBackbone | None, pretrained: bool, *,
