@@ -76,9 +76,7 @@ def resolve(weights: WeightsFile, explicit: Path | None = None, *, option: str, 
     """The local file of `weights`: `explicit` when given (taken as the user's, no hash check); else the
     cached file (verified); else downloaded into the cache (verified, atomic). Refusals name `option`."""
     if explicit is not None:
-        if not Path(explicit).is_file():
-            raise UsageError("weights file not found", explicit)
-        return Path(explicit)
+        return explicit_file(explicit)
     path = weights.cached()
     if path.is_file():
         check_hash(path, weights.expected_hash, cached=True)
@@ -88,6 +86,13 @@ def resolve(weights: WeightsFile, explicit: Path | None = None, *, option: str, 
                          f"put {weights.name} (from {weights.url}) in {path.parent}", option)
     download(weights, path, quiet=quiet)
     return path
+
+
+def explicit_file(path: Path) -> Path:
+    """A weights file the user named: it must exist; it is theirs, so no hash is expected of it."""
+    if not Path(path).is_file():
+        raise UsageError("weights file not found", path)
+    return Path(path)
 
 
 def check_hash(path: Path, expected: str | None, cached: bool) -> None:
@@ -135,7 +140,7 @@ def hub_file(repo_id: str, filename: str, revision: str | None = None, explicit:
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     if explicit is not None:
-        return resolve(WeightsFile(filename), explicit, option=option)
+        return explicit_file(explicit)
     cached = try_to_load_from_cache(repo_id, filename, revision=revision)
     if isinstance(cached, str):
         return Path(cached)
