@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -121,7 +122,7 @@ def predict(
     if segment is not None:
         records: list[dict] = []
 
-        def timeline(path: Path):
+        def timeline(path: Path) -> Iterator[dict]:
             for record in predictor.timeline(path, segment):
                 records.append(record)  # small: the labels only, for --render
                 yield record
