@@ -20,7 +20,7 @@ from tqdm import tqdm
 from dsfuse import runs
 from dsfuse.checkpoint import CheckpointMeta, build_model, load_checkpoint, read_metadata
 from dsfuse.choices import FeedForward, Fusion, LabelScheme, SpeakerBy, SpeechEncoder, SplitBy
-from dsfuse.data.audio import SAMPLE_RATE, is_silent, load_audio, stream_audio, trim_silence
+from dsfuse.data.audio import SAMPLE_RATE, LogMel, MelConfig, is_silent, load_audio, stream_audio, trim_silence
 from dsfuse.data.emotion_speech import (LabelledClip, LogMelClips, SpeakerBaselines, collate_padded,
                                         check_speakers_are_not_labels, find_labelled_clips, speaker_of,
                                         speaker_pattern, split_clips)
@@ -96,10 +96,11 @@ class TrainingData:
     heldout: Examples
 
 
-def load_training_data(options: SpeechEmotionOptions, quiet: bool, featurize: Featurize,
+def load_training_data(options: SpeechEmotionOptions, quiet: bool, featurize: Featurize | None = None,
                        cache: FeatureCache | None = None) -> TrainingData:
-    """The training and held-out examples (features from `cache` when it has them); data that cannot train
-    a classifier is refused in one line."""
+    """The training and held-out examples as `featurize` (default: the options' log-mels) hears them, from
+    `cache` when it has them; data that cannot train a classifier is refused in one line."""
+    featurize = featurize or LogMel(MelConfig(n_mels=options.n_mels))
     pattern = speaker_pattern(options.speaker_pattern)
     clips = find_labelled_clips(options.data, options.labels, pattern)
     if options.speaker_norm or options.split_by == "speaker":
