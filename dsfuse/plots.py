@@ -83,6 +83,19 @@ def plot_confusion(matrix, labels: Sequence[str], path: str | Path, title: str =
     return save_figure(fig, path)
 
 
+def plot_bars(values: Sequence[float], labels: Sequence[str], path: str | Path, title: str, xlabel: str = "",
+              ylabel: str = "") -> Path:
+    """One bar per value, labelled."""
+    fig, ax = subplots(figsize=(max(4.0, 0.45 * len(values) + 1.5), 3.2))
+    ax.bar(range(len(values)), values, color="tab:blue")
+    ax.set_xticks(range(len(values)), labels)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title)
+    return save_figure(fig, path)
+
+
 def plot_load_heatmap(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str) -> Path:
     """MoE routing: one row per layer (`layer`, `load`, `mean_load`), one column per expert: load / mean load."""
     import numpy as np

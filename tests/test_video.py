@@ -15,7 +15,7 @@ from conftest import REPO, assert_one_line_error, json_lines, run_cli
 from dsfuse.data.video import (VideoFolder, _FrameCursor, clip_starts, output_size, probe_video, read_all_frames,
                                read_audio_track, read_clips, read_frames, stratified_split)
 from dsfuse.errors import InputError, UsageError
-from dsfuse.models.video import BACKBONES, VideoClassifier, VideoConfig, kinetics_weights_file
+from dsfuse.models.video import BACKBONES, VideoClassifier, VideoConfig, kinetics_url
 
 SAMPLES = REPO / "samples" / "video"
 # One thread per process: on a shared 2-core machine OpenMP threads fighting each other make 3D convs ~10x slower.
@@ -195,20 +195,21 @@ def test_torchvision_backbones_build_with_their_preprocessing(backbone):
             assert model.eval().features(torch.zeros(1, 3, 4, 32, 32)).shape == (1, 512)
 
 
-def test_kinetics_weights_from_local_hub_only(tmp_path, monkeypatch):
+def test_kinetics_weights_load_into_encoder_and_head(tmp_path):
     from torchvision.models import video as tv
 
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    from dsfuse.tasks.video import load_kinetics
+
     model = VideoClassifier(VideoConfig.for_backbone("mc3_18", 400))
-    with pytest.raises(UsageError, match="mc3_18-a90a0ba3.pth"):
-        model.load_kinetics()
     reference = tv.mc3_18(weights=None)  # stands in for the real file: same names and shapes
-    path = kinetics_weights_file("mc3_18")
-    path.parent.mkdir(parents=True)
+    path = tmp_path / "mc3_18.pth"
     torch.save(reference.state_dict(), path)
-    model.load_kinetics()
+    load_kinetics(model, path)
     assert torch.equal(model.head.weight, reference.fc.weight)
     assert torch.equal(model.encoder.layer1[0].conv1[0].weight, reference.layer1[0].conv1[0].weight)
+    torch.save({"conv.weight": torch.ones(1)}, path)
+    with pytest.raises(UsageError, match="do not match mc3_18"):
+        load_kinetics(model, path)
 
 
 # --------------------------------------------------------------------------- the command
@@ -265,23 +266,48 @@ def test_predict_reports_each_bad_file_and_goes_on(trained_run, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_predict_pretrained_needs_the_local_hub_file(tmp_path):
+def test_predict_pretrained_offline_names_the_file_and_the_folder(tmp_path):
     proc = run_cli("classify-video", "predict", SAMPLES / "up.mp4", "--backbone", "r3d_18", "--pretrained",
-                   env={"TORCH_HOME": str(tmp_path / "torch")})
+                   env={"TORCH_HOME": str(tmp_path / "torch"), "DSFUSE_OFFLINE": "1"})
     assert_one_line_error(proc, 2, "r3d_18-b3b3357e.pth")
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in proc.stderr
 
 
-def test_pretrained_classifier_has_kinetics_categories(tmp_path, monkeypatch):
+def test_predict_pretrained_refuses_a_corrupt_cached_file(tmp_path):
+    from torchvision.models import video as tv
+
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / Path(kinetics_url("mc3_18")).name
+    cached.parent.mkdir(parents=True)
+    torch.save(tv.mc3_18(weights=None).state_dict(), cached)  # the real name, but not the real file's hash
+    proc = run_cli("classify-video", "predict", SAMPLES / "up.mp4", "--backbone", "mc3_18", "--pretrained",
+                   env={"TORCH_HOME": str(tmp_path / "torch")})
+    assert_one_line_error(proc, 2, "delete it")
+    assert cached.is_file()  # refused, not deleted behind the user's back
+
+
+@pytest.mark.slow
+def test_predict_pretrained_with_an_explicit_weights_file(tmp_path):
+    from torchvision.models import video as tv
+
+    path = tmp_path / "mc3_18.pth"
+    torch.save(tv.mc3_18(weights=None).state_dict(), path)  # random weights: the labels are Kinetics' names
+    proc = run_cli("classify-video", "predict", SAMPLES / "up.mp4", "--backbone", "mc3_18", "--pretrained",
+                   "--weights", path, "--clips", "1", "--top-k", "3", "--json", "-q",
+                   env={**ONE_THREAD, "DSFUSE_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    [record] = json_lines(proc.stdout)
+    categories = tv.MC3_18_Weights.KINETICS400_V1.meta["categories"]
+    assert len(record["top"]) == 3 and all(t["label"] in categories for t in record["top"])
+
+
+def test_pretrained_classifier_has_kinetics_categories(tmp_path):
     from torchvision.models import video as tv
 
     from dsfuse.tasks.video import load_classifier
 
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    path = kinetics_weights_file("mc3_18")
-    path.parent.mkdir(parents=True)
-    torch.save(tv.mc3_18(weights=None).state_dict(), path)  # random weights under the real file name
-    model, labels = load_classifier(None, "mc3_18", torch.device("cpu"))
+    path = tmp_path / "mc3_18.pth"
+    torch.save(tv.mc3_18(weights=None).state_dict(), path)
+    model, labels = load_classifier(None, "mc3_18", torch.device("cpu"), weights=path)
     assert labels == tv.MC3_18_Weights.KINETICS400_V1.meta["categories"] and model.head.out_features == 400
     with pytest.raises(UsageError, match="--backbone"):
         load_classifier(None, None, torch.device("cpu"))

@@ -10,11 +10,11 @@ from typing import Annotated, Any
 
 import typer
 
-from dsfuse.choices import FeedForward, Fusion, LabelScheme, SpeakerBy, SplitBy
+from dsfuse.choices import FeedForward, Fusion, LabelScheme, SpeakerBy, SpeechEncoder, SplitBy
 from dsfuse.cli.common import (CheckpointOpt, DebugOpt, DeviceOpt, EngineOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt,
-                               RunOutOpt, SeedOpt, choice_metavar, command, expand_inputs, for_each_input,
+                               RunOutOpt, SeedOpt, choice_metavar, command, expand_inputs, stream_timelines,
                                given_options, report_training, tabulate_each_input, trainer)
-from dsfuse.report import console, emit_json, print_table
+from dsfuse.report import emit_json, print_table
 
 app = typer.Typer(help="Speech emotion: train on labelled clips, predict labels or timelines, make a synthetic set.",
                   no_args_is_help=True)
@@ -56,6 +56,13 @@ def train(
                                            help="Fuse the audio with the transcript beside each clip (clip.wav + "
                                                 "clip.txt) by this strategy; clips without one are left out.")
                       ] = "none",
+    encoder: Annotated[SpeechEncoder, typer.Option("--encoder", metavar=choice_metavar(SpeechEncoder),
+                                                   help="What the classifier hears: log-mels, or a pretrained "
+                                                        "self-supervised speech encoder (torchaudio's bundle, "
+                                                        "frozen; its weights from torch hub's cache, else "
+                                                        "downloaded unless DSFUSE_OFFLINE=1).")] = "mel",
+    unfreeze: Annotated[int, typer.Option("--unfreeze", min=0, help="With --encoder: fine-tune its top N "
+                                          "layers too.")] = 0,
     resume: ResumeOpt = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -69,6 +76,7 @@ def train(
     Example: dsfuse audio-emotion train synthetic/train --heldout synthetic/heldout --out runs/emotion
     Example: dsfuse audio-emotion train synthetic/train --heldout synthetic/heldout --out runs/emotion --speaker-norm
     Example: dsfuse audio-emotion train synthetic/train --heldout synthetic/heldout --out runs/fused --fusion gated
+    Example: dsfuse audio-emotion train synthetic/train --heldout synthetic/heldout --out runs/wavlm --encoder wavlm-base-plus
     """
     from dsfuse.device import select_device
     from dsfuse.runs import run_dir_for
@@ -77,7 +85,8 @@ def train(
     options = task.SpeechEmotionOptions(
         data=data, labels=labels, split_by=split_by, heldout=heldout, heldout_fraction=heldout_fraction, steps=steps,
         batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed, dim=dim, depth=depth, ffn=ffn, n_mels=n_mels,
-        crop_seconds=crop_seconds, speaker_norm=speaker_norm, speaker_pattern=speaker_pattern, fusion=fusion, **engine)
+        crop_seconds=crop_seconds, speaker_norm=speaker_norm, speaker_pattern=speaker_pattern, fusion=fusion,
+        encoder=encoder, unfreeze=unfreeze, **engine)
     result, summary = task.train(options, run_dir_for(out, task.TASK, resume), resume=resume, force=force,
                                  explicit=given_options(), device=select_device(device), quiet=quiet)
     if not json and "f1" in summary:
@@ -85,7 +94,10 @@ def train(
         print_table(f"audio-emotion{transcript} held-out F1 ({summary['heldout_clips']} clips)",
                     ["class", "F1", "clips"],
                     [(c, summary["f1"][c], sum(row)) for c, row in zip(summary["classes"], summary["confusion"])])
-        summary = {k: v for k, v in summary.items() if k not in ("f1", "confusion", "classes")}
+        if "layer_weights" in summary:
+            print_table(f"{encoder} layer weights (layer_weights.png in the run)", ["layer", "weight"],
+                        enumerate(summary["layer_weights"], 1))
+        summary = {k: v for k, v in summary.items() if k not in ("f1", "confusion", "classes", "layer_weights")}
     report_training(result, summary, json)
 
 
@@ -128,20 +140,10 @@ def predict(
             paths, classifier.label_file, lambda p, r: [(p, r["label"], r["score"], r["duration"])],
             lambda rows: print_table(title, ["file", "label", "score", "seconds"], rows), as_json=json, quiet=quiet)
 
-    def stream_file(path: Path) -> dict[str, Any]:
-        segments = 0
-        for record in classifier.timeline(path, segment):
-            segments += 1
-            if json:  # each segment as soon as it is known: the timeline streams like the audio
-                emit_json({"file": str(path), **record})
-            else:
-                score = "" if record["score"] is None else f" {record['score']:.2f}"
-                console.print(f"{path}  {record['start']:8.2f}-{record['end']:8.2f}  {record['label'] or '(silence)'}"
-                              f"{score}", markup=False)
-        return {"segments": segments}
+    def describe(record: dict[str, Any]) -> str:
+        return "(silence)" if record["score"] is None else f"{record['label']} {record['score']:.2f}"
 
-    for _ in for_each_input(paths, stream_file, as_json=False, quiet=True):
-        pass
+    stream_timelines(paths, lambda path: classifier.timeline(path, segment), describe, as_json=json)
 
 
 @command

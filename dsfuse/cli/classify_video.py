@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -11,10 +12,13 @@ import typer
 from dsfuse import choices
 from dsfuse.cli.common import (DebugOpt, DeviceOpt, EngineOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, RunOutOpt,
                                SeedOpt, choice_metavar, command, expand_inputs, given_options, report_training,
-                               tabulate_each_input, trainer)
+                               stream_timelines, tabulate_each_input, trainer)
 from dsfuse.errors import UsageError
 from dsfuse.report import console, emit_json, print_table
 
+
+WeightsOpt = Annotated[Path | None, typer.Option("--weights", help="With --pretrained: this Kinetics-400 .pth "
+                                                "file instead of the cache or a download.")]
 
 app = typer.Typer(help="Classify videos: train on class folders, predict per file, make a synthetic dataset.",
                   no_args_is_help=True)
@@ -26,8 +30,9 @@ def train(
     out: RunOutOpt = None,
     backbone: Annotated[choices.Backbone, typer.Option("--backbone", metavar=choice_metavar(choices.Backbone),
                                                        help="The video encoder.")] = "small3d",
-    pretrained: Annotated[bool, typer.Option("--pretrained", help="Start from Kinetics-400 weights in the local "
-                                                                  "torch hub cache (never downloaded).")] = False,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="Start from torchvision's Kinetics-400 weights "
+                                             "(torch hub's cache, else downloaded unless DSFUSE_OFFLINE=1).")] = False,
+    weights: WeightsOpt = None,
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 600,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Clips per step.")] = 16,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, warmup + cosine).")] = 2e-3,
@@ -54,7 +59,7 @@ def train(
 
     options = video.VideoTrainOptions(data=data, backbone=backbone, pretrained=pretrained, steps=steps,
                                       batch_size=batch_size, lr=lr, frames=frames, fps=fps, held_out=held_out,
-                                      eval_every=eval_every, fusion=fusion, seed=seed, **engine)
+                                      eval_every=eval_every, fusion=fusion, weights=weights, seed=seed, **engine)
     if compare_fusion and resume:
         raise UsageError("--compare-fusion trains every strategy afresh; it cannot --resume", "--compare-fusion")
     out = runs.run_dir_for(out, video.TASK, resume)
@@ -84,23 +89,51 @@ def predict(
     backbone: Annotated[choices.PretrainedBackbone | None, typer.Option(
         "--backbone", metavar=choice_metavar(choices.PretrainedBackbone),
         help="With --pretrained: the Kinetics-400 model.")] = None,
-    pretrained: Annotated[bool, typer.Option("--pretrained", help="Use torchvision's Kinetics-400 weights from "
-                                                                  "the local torch hub cache.")] = False,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="Use torchvision's Kinetics-400 weights (torch "
+                                             "hub's cache, else downloaded unless DSFUSE_OFFLINE=1).")] = False,
+    weights: WeightsOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", help="How many labels to report per video.")] = 5,
-    clips: Annotated[int, typer.Option("--clips", help="Clips spread over each video; scores are averaged.")] = 3,
+    clips: Annotated[int, typer.Option("--clips", help="Clips spread over each video (each segment); scores are "
+                                                       "averaged.")] = 3,
+    segment: Annotated[float | None, typer.Option("--segment", min=0.1, help="Seconds per segment: a timeline of "
+                                                  "labels over each video, decoded segment by segment.")] = None,
+    render: Annotated[Path | None, typer.Option("--render", help="With --segment and one video: write it again "
+                                                "(H.264 mp4) with each frame's label and score drawn on it.")] = None,
     device: DeviceOpt = "auto", seed: SeedOpt = 0, json: JsonOpt = False, quiet: QuietOpt = False,
-    debug: DebugOpt = False,
+    debug: DebugOpt = False, force: ForceOpt = False,
 ) -> None:
     """Classify each video from a few clips spread over it (and its soundtrack, for a model trained with
-    --fusion); a failing file is reported and the rest go on.
+    --fusion), or with --segment a timeline over it; a failing file is reported and the rest go on.
 
     Example: dsfuse classify-video predict samples/video --checkpoint runs/video --top-k 2 --json
+    Example: dsfuse classify-video predict match.mp4 --checkpoint runs/video --segment 2 --render labelled.mp4
     """
     from dsfuse.data.video import VIDEO_SUFFIXES
-    from dsfuse.tasks.video import load_predictor
+    from dsfuse.io import check_writable
+    from dsfuse.tasks.video import load_predictor, render_timeline
 
     paths = expand_inputs(videos, VIDEO_SUFFIXES)  # before the model: a typo fails fast
-    predictor = load_predictor(checkpoint, backbone, pretrained, top_k=top_k, clips=clips, device=device, seed=seed)
+    if render is not None:
+        if segment is None or len(paths) != 1:
+            raise UsageError("--render draws the timeline of one video: give --segment and one video", "--render")
+        check_writable(render, force)
+    predictor = load_predictor(checkpoint, backbone, pretrained, top_k=top_k, clips=clips, device=device, seed=seed,
+                               weights=weights, quiet=quiet)
+    if segment is not None:
+        records: list[dict] = []
+
+        def timeline(path: Path) -> Iterator[dict]:
+            for record in predictor.timeline(path, segment):
+                records.append(record)  # small: the labels only, for --render
+                yield record
+
+        stream_timelines(paths, timeline, lambda r: ", ".join(f"{t['label']} {t['score']:.2f}" for t in r["top"][:3]),
+                         as_json=json)
+        if render is not None:
+            render_timeline(paths[0], records, render)
+            if not quiet:
+                console.print(f"wrote {render}")
+        return
     title = "classify-video predict" + (f" ({predictor.fusion} fusion with the soundtrack)"
                                         if predictor.fusion != "none" else "")
 

@@ -184,6 +184,27 @@ def tabulate_each_input(paths: list[Path], process: Callable[[Path], dict[str, A
             show(rows)
 
 
+def stream_timelines(paths: list[Path], timeline: Callable[[Path], Iterable[dict[str, Any]]],
+                     describe: Callable[[dict[str, Any]], str], *, as_json: bool) -> None:
+    """Each file's timeline, each segment {start, end, ...} printed as soon as it is known (a JSON line
+    `{"file", **segment}` with --json, else `file start-end <describe(segment)>`); a failing file is one
+    error line and the rest go on."""
+    from dsfuse.report import console
+
+    def stream_file(path: Path) -> dict[str, Any]:
+        segments = 0
+        for record in timeline(path):
+            segments += 1
+            if as_json:
+                emit_json({"file": str(path), **record})
+            else:
+                console.print(f"{path}  {record['start']:8.2f}-{record['end']:8.2f}  {describe(record)}", markup=False)
+        return {"segments": segments}
+
+    for _ in for_each_input(paths, stream_file, as_json=False, quiet=True):
+        pass
+
+
 def report_training(result: Any, summary: dict[str, Any], as_json: bool) -> None:
     """Print a trainer's outcome (JSON or a table); an interrupted run says how to resume and exits 130."""
     record = {"run_dir": str(result.run_dir), "step": result.step, "interrupted": result.interrupted,

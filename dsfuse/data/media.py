@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
 
@@ -77,19 +78,12 @@ def write_video(
     frames = _pad_even(frames)
     path = Path(path)
     with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
-        video = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        video.width, video.height = frames.shape[2], frames.shape[1]
-        video.pix_fmt = "yuv420p"
-        # one thread: the bytes come out the same on every machine, so committed samples do not churn
-        video.options = {"crf": "23", "preset": "medium", "threads": "1"}
+        video = _add_video_stream(container, fps, frames.shape[2], frames.shape[1])
         planar = _channels_first(audio) if audio is not None else None
         audio_stream = _add_audio_stream(container, planar.shape[0], sample_rate) if planar is not None else None
         audio_done = 0
         for index, rgb in enumerate(frames):
-            # converted here, not inside encode(): PyAV's implicit conversion there is not repeatable
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format="yuv420p")
-            frame.pts = index
-            container.mux(video.encode(frame))
+            _encode_frame(container, video, rgb, index)
             if audio_stream is not None:  # interleave: the audio that plays up to the end of this frame
                 until = round((index + 1) * sample_rate / fps)
                 audio_done = _encode_audio(container, audio_stream, planar, audio_done, until)
@@ -97,6 +91,53 @@ def write_video(
         if audio_stream is not None:  # audio longer than the video, then the encoder's tail
             _encode_audio(container, audio_stream, planar, audio_done, planar.shape[1])
             container.mux(audio_stream.encode(None))
+    return path
+
+
+def _add_video_stream(container: av.container.OutputContainer, fps: float, width: int, height: int
+                      ) -> av.VideoStream:
+    video = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+    video.width, video.height = width, height
+    video.pix_fmt = "yuv420p"
+    # one thread: the bytes come out the same on every machine, so committed samples do not churn
+    video.options = {"crf": "23", "preset": "medium", "threads": "1"}
+    return video
+
+
+def _encode_frame(container: av.container.OutputContainer, video: av.VideoStream, rgb: np.ndarray, index: int) -> None:
+    # converted here, not inside encode(): PyAV's implicit conversion there is not repeatable
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format="yuv420p")
+    frame.pts = index
+    container.mux(video.encode(frame))
+
+
+def caption_frame(rgb: np.ndarray, text: str) -> np.ndarray:
+    """The frame with `text` drawn at its top left, white on a dark band, sized to the frame."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.fromarray(np.ascontiguousarray(rgb))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(10, image.height // 16))
+    left, top, right, bottom = draw.textbbox((4, 2), text, font=font)
+    draw.rectangle((0, 0, right + 4, bottom + 3), fill=(0, 0, 0))
+    draw.text((4, 2), text, fill=(255, 255, 255), font=font)
+    return np.asarray(image)
+
+
+def write_video_frames(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float) -> Path:
+    """Write uint8 frames [H, W, 3] as H.264 mp4 as they come (memory flat over length; odd sizes padded)."""
+    path = Path(path)
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+        video, count = None, 0
+        for rgb in frames:
+            rgb = _pad_even(np.asarray(rgb)[None])[0]
+            if video is None:
+                video = _add_video_stream(container, fps, rgb.shape[1], rgb.shape[0])
+            _encode_frame(container, video, rgb, count)
+            count += 1
+        if video is None:
+            raise ValueError("no frames to write")
+        container.mux(video.encode(None))
     return path
 
 

@@ -262,22 +262,28 @@ def read_clips(path: str | os.PathLike, frames: int, fps: float, clips: int = 1,
     return rearrange(video, "(n t) h w c -> n t h w c", n=len(starts))
 
 
-def read_all_frames(path: str | os.PathLike, size: Size = None) -> tuple[np.ndarray, torch.Tensor]:
-    """Every frame of a video: (times in seconds [N], uint8 frames [N, H, W, 3]); for short videos."""
-    times, rgbs = [], []
+def iter_frames(path: str | os.PathLike, size: Size = None) -> Iterator[tuple[float, np.ndarray]]:
+    """Every frame of a video in order, as it is decoded: (time in seconds, uint8 [H, W, 3]).
+    A video that breaks after its first frame ends there; one with no readable frame is an InputError."""
     with _open(path) as container:
         stream = _video_stream(container, path)
-        rotation, origin = None, stream_start(stream)
+        rotation, origin, count = None, stream_start(stream), 0
         try:
             for frame in container.decode(stream):
                 rotation = _rotation(stream, frame) if rotation is None else rotation
-                times.append(frame.time - origin if frame.time is not None else len(times) / _fps(stream))
-                rgbs.append(_to_rgb(frame, rotation, size))
+                yield frame.time - origin if frame.time is not None else count / _fps(stream), \
+                    _to_rgb(frame, rotation, size)
+                count += 1
         except av.error.FFmpegError as e:
-            if not rgbs:
+            if not count:
                 raise InputError(f"corrupt video: {_ffmpeg_reason(e)}", path) from None
-    if not rgbs:
+    if not count:
         raise InputError("video has no frames (zero length)", path)
+
+
+def read_all_frames(path: str | os.PathLike, size: Size = None) -> tuple[np.ndarray, torch.Tensor]:
+    """Every frame of a video: (times in seconds [N], uint8 frames [N, H, W, 3]); for short videos."""
+    times, rgbs = zip(*iter_frames(path, size))
     return np.asarray(times, dtype=np.float64), torch.from_numpy(np.stack(rgbs))
 
 

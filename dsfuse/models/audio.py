@@ -6,7 +6,9 @@ The transcript is an optional second modality: under a fusion strategy other tha
 text encoder (models/text.py) reads it and an `nn.fusion` strategy classifies from both sequences.
 
 `AudioEncoder` (features [B, T, n_mels] + mask -> sequence [B, T/4, dim] + mask) is usable on its own,
-e.g. as the audio branch of an audio-visual fusion model.
+e.g. as the audio branch of an audio-visual fusion model. With `encoder` a self-supervised speech model
+(models/speech_ssl.py), its input is that model's cached hidden states [B, T, layers, D] at 50 Hz
+instead of log-mels, mixed by learned layer weights in place of the convolutional subsampling.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from einops import rearrange
 from torch import nn
 
 from dsfuse import choices
-from dsfuse.choices import FeedForward, Fusion
+from dsfuse.choices import FeedForward, Fusion, SpeechEncoder
+from dsfuse.models.speech_ssl import SslFront
 from dsfuse.models.text import TextConfig, TextEncoder
 from dsfuse.nn.attention import AttentionConfig
 from dsfuse.nn.fusion import FusionConfig, ModalityFusion
@@ -49,9 +52,16 @@ class AudioConfig:
     # log-mel statistics of the training set: the model normalizes its own input
     feature_mean: float = 0.0
     feature_std: float = 1.0
+    # the input: log-mels, or a self-supervised encoder's hidden states (its architecture in `ssl`)
+    encoder: SpeechEncoder = "mel"
+    ssl: dict | None = None  # torchaudio's builder arguments of the encoder
+    unfreeze: int = 0  # the encoder's top layers fine-tuned inside this model
 
     def __post_init__(self) -> None:
         choices.check(self.ffn, FeedForward, "ffn")
+        choices.check(self.encoder, SpeechEncoder, "encoder")
+        if (self.encoder == "mel") != (self.ssl is None):
+            raise ValueError("a self-supervised encoder needs its architecture (ssl), log-mels none")
 
 
 def subsampled_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -89,7 +99,10 @@ class AudioEncoder(nn.Module):
     def __init__(self, cfg: AudioConfig):
         super().__init__()
         self.cfg = cfg
-        self.subsample = ConvSubsampling(cfg.n_mels, cfg.conv_channels, cfg.dim)
+        if cfg.encoder == "mel":
+            self.subsample = ConvSubsampling(cfg.n_mels, cfg.conv_channels, cfg.dim)
+        else:
+            self.front = SslFront(cfg.encoder, cfg.ssl, cfg.unfreeze, cfg.dim)
         attention = AttentionConfig(dim=cfg.dim, n_heads=cfg.n_heads, kind="mla", kv_lora_rank=cfg.kv_lora_rank,
                                     qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
                                     v_head_dim=cfg.v_head_dim, dropout=cfg.dropout)
@@ -102,10 +115,14 @@ class AudioEncoder(nn.Module):
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-mels [B, T, n_mels] (or hidden states [B, T, layers, D]) and mask [B, T] -> [B, T', dim], mask."""
         if mask is None:
             mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
-        features = (features - self.cfg.feature_mean) / self.cfg.feature_std
-        x, mask = self.subsample(features, mask)
+        if self.cfg.encoder == "mel":
+            features = (features - self.cfg.feature_mean) / self.cfg.feature_std
+            x, mask = self.subsample(features, mask)
+        else:
+            x = self.front(features, mask)
         x = self.dropout(x)
         for block in self.blocks:
             x = block(x, mask=mask)

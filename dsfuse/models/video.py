@@ -3,8 +3,8 @@ strategy other than "none", the encoder's tokens fused with the video's soundtra
 
 Encoders: a small 3D CNN that trains on a CPU in minutes, and torchvision's r3d_18, mc3_18,
 r2plus1d_18, s3d, mvit_v2_s and swin3d_t, built without weights. Each backbone carries its own
-preprocessing (frames, fps, resize, crop, mean/std). Kinetics-400 weights come only from the local
-torch hub cache (`VideoClassifier.load_kinetics`); nothing is ever downloaded.
+preprocessing (frames, fps, resize, crop, mean/std). `VideoClassifier.load_kinetics` takes torchvision's
+Kinetics-400 state dict, which the task finds through `dsfuse.weights` (cache, download, offline rules).
 
 The soundtrack (log-mel frames of its first `audio_seconds`) goes through the audio-emotion MLA
 encoder (`models/audio.py`), and an `nn.fusion` strategy classifies from both. The small 3D CNN then
@@ -167,24 +167,14 @@ def torchvision_encoder(name: str) -> nn.Module:
     return model
 
 
-def kinetics_weights_file(backbone: str) -> Path:
-    """Where torch hub keeps `backbone`'s Kinetics-400 weights: TORCH_HOME/hub/checkpoints/<file from the URL>."""
+def kinetics_url(backbone: str) -> str:
+    """Where torchvision publishes `backbone`'s Kinetics-400 weights (the file name carries its hash prefix)."""
     from torchvision.models import video as tv
 
     if backbone not in TORCHVISION_WEIGHTS:
         raise UsageError(f"no pretrained weights for {backbone!r}; use one of {', '.join(TORCHVISION_WEIGHTS)}",
                          "--pretrained")
-    weights = getattr(tv, TORCHVISION_WEIGHTS[backbone]).KINETICS400_V1
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-
-
-def require_kinetics_weights(backbone: str) -> Path:
-    """The local Kinetics-400 weights file of `backbone`; when missing, says which file to put where."""
-    path = kinetics_weights_file(backbone)
-    if not path.is_file():
-        raise UsageError(f"pretrained weights not found: put {path.name} (from "
-                         f"download.pytorch.org/models/{path.name}) in {path.parent}", "--pretrained")
-    return path
+    return getattr(tv, TORCHVISION_WEIGHTS[backbone]).KINETICS400_V1.url
 
 
 def kinetics_categories(backbone: str) -> list[str]:
@@ -261,14 +251,10 @@ class VideoClassifier(nn.Module):
         audio, audio_mask = self.audio(mel, mel_mask)
         return self.fusion([self.video_tokens(clip), audio], [None, audio_mask])
 
-    def load_kinetics(self) -> None:
-        """Load Kinetics-400 weights from the local torch hub cache; the head too when it has 400 classes."""
+    def load_kinetics(self, state: dict[str, torch.Tensor], path: Path) -> None:
+        """Load torchvision's Kinetics-400 state dict (read from `path`); the head too when it has 400 classes."""
         backbone = self.config.backbone
-        path = require_kinetics_weights(backbone)
-        try:  # torchvision's own .pth of plain tensors; weights_only refuses anything else
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UsageError(f"cannot read pretrained weights ({type(e).__name__})", path) from None
+        state = dict(state)
         head_state = {k: state.pop(k) for k in _HEAD_KEYS[backbone] if k in state}
         missing, unexpected = self.encoder.load_state_dict(state, strict=False)
         if missing or unexpected:

@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from dsfuse import runs
 from dsfuse.checkpoint import CheckpointMeta, build_model, load_checkpoint, read_metadata
-from dsfuse.choices import FeedForward, Fusion, LabelScheme, SpeakerBy, SplitBy
-from dsfuse.data.audio import LogMel, MelConfig, is_silent, load_audio, stream_audio, trim_silence
+from dsfuse.choices import FeedForward, Fusion, LabelScheme, SpeakerBy, SpeechEncoder, SplitBy
+from dsfuse.data.audio import SAMPLE_RATE, LogMel, MelConfig, is_silent, load_audio, stream_audio, trim_silence
 from dsfuse.data.emotion_speech import (LabelledClip, LogMelClips, SpeakerBaselines, collate_padded,
                                         check_speakers_are_not_labels, find_labelled_clips, speaker_of,
                                         speaker_pattern, split_clips)
@@ -34,13 +34,14 @@ from dsfuse.metrics import accuracy, confusion_matrix, per_class_f1
 from dsfuse.models.audio import AudioEmotionClassifier, AudioEmotionConfig
 from dsfuse.models.text import TextConfig, encode_text, pad_text
 from dsfuse.nn.moe import moe_aux_loss
-from dsfuse.plots import plot_confusion, plot_curves
+from dsfuse.plots import plot_bars, plot_confusion, plot_curves
 from dsfuse.report import warn
+from dsfuse.tasks.speech_features import Encoder, FeatureCache, Featurize, open_encoder
 
 TASK = "speech-emotion"  # default run directories: runs/speech-emotion/train, train2, ...
 KIND = "audio"
 LEGACY_FUSED_KIND = "audio-text"  # fused models before fusion became an option of KIND
-WINDOW_FRAMES = 3000  # 30 s of 10 ms log-mel frames: a whole file is classified window by window
+WINDOW_SECONDS = 30.0  # a whole file is classified window by window: attention never spans an hour
 MIN_SPEECH_SECONDS = 0.3  # under this, no prosody to hear: the label is a guess
 MIN_BASELINE_FRAMES = 600  # 6 s: one clip (2-4 s) makes a poor speaker baseline, four of mixed emotion a good one
 
@@ -64,6 +65,8 @@ class SpeechEmotionOptions(runs.TrainOptions):
     speaker_norm: bool = False
     speaker_pattern: str | None = None
     fusion: Fusion = "none"
+    encoder: SpeechEncoder = "mel"
+    unfreeze: int = 0
 
     @property
     def fused(self) -> bool:
@@ -74,7 +77,8 @@ class SpeechEmotionOptions(runs.TrainOptions):
 
 @dataclass
 class Examples:
-    """Clips with their log-mel features and, under fusion, their transcripts' byte ids."""
+    """Clips with their features (log-mels or an encoder's hidden states) and, under fusion, their transcripts'
+    byte ids."""
 
     clips: list[LabelledClip]
     features: list[torch.Tensor]
@@ -92,8 +96,11 @@ class TrainingData:
     heldout: Examples
 
 
-def load_training_data(options: SpeechEmotionOptions, quiet: bool) -> TrainingData:
-    """The training and held-out examples; data that cannot train a classifier is refused in one line."""
+def load_training_data(options: SpeechEmotionOptions, quiet: bool, featurize: Featurize | None = None,
+                       cache: FeatureCache | None = None) -> TrainingData:
+    """The training and held-out examples as `featurize` (default: the options' log-mels) hears them, from
+    `cache` when it has them; data that cannot train a classifier is refused in one line."""
+    featurize = featurize or LogMel(MelConfig(n_mels=options.n_mels))
     pattern = speaker_pattern(options.speaker_pattern)
     clips = find_labelled_clips(options.data, options.labels, pattern)
     if options.speaker_norm or options.split_by == "speaker":
@@ -104,16 +111,15 @@ def load_training_data(options: SpeechEmotionOptions, quiet: bool) -> TrainingDa
         train_clips, heldout_clips = split_clips(clips, options.split_by, options.heldout_fraction, options.seed)
     text_of = transcripts_of(train_clips, heldout_clips, options, quiet) if options.fused else None
     with_transcripts = " with transcripts" if options.fused else ""
-    mel = LogMel(MelConfig(n_mels=options.n_mels))
-    train = load_examples(train_clips, mel, text_of, quiet, "features (train)")
+    train = load_examples(train_clips, featurize, text_of, quiet, "features (train)", cache)
     classes = sorted({clip.label for clip in train.clips})
     if len(classes) < 2:
         raise UsageError(f"training needs at least 2 classes{with_transcripts}, found {len(classes)}", options.data)
     unknown = sorted({clip.label for clip in heldout_clips} - set(classes))
     if unknown:
         warn(f"held-out clips of classes absent from training are left out: {', '.join(unknown)}", quiet)
-    heldout = load_examples([c for c in heldout_clips if c.label in classes], mel, text_of, quiet,
-                            "features (held-out)")
+    heldout = load_examples([c for c in heldout_clips if c.label in classes], featurize, text_of, quiet,
+                            "features (held-out)", cache)
     if not heldout.clips:
         raise UsageError(f"no usable held-out clips{with_transcripts}", options.heldout or options.data)
     if options.speaker_norm:  # each side against its own speakers' baselines, as predict --speaker-by name does
@@ -139,23 +145,28 @@ def transcripts_of(train: Sequence[LabelledClip], heldout: Sequence[LabelledClip
     return ids
 
 
-def load_examples(clips: Sequence[LabelledClip], mel: LogMel, text_of: dict[Path, torch.Tensor] | None,
-                  quiet: bool, desc: str) -> Examples:
-    """The readable, non-silent clips (with a transcript, when `text_of` is given) and their features;
-    an unusable clip is skipped with a warning."""
+def load_examples(clips: Sequence[LabelledClip], featurize: Featurize, text_of: dict[Path, torch.Tensor] | None,
+                  quiet: bool, desc: str, cache: FeatureCache | None = None) -> Examples:
+    """The readable, non-silent clips (with a transcript, when `text_of` is given) and their features,
+    read from `cache` or computed (and kept there); an unusable clip is skipped with a warning."""
     if text_of is not None:
         clips = [clip for clip in clips if clip.path in text_of]
     features, kept = [], []
     for clip in tqdm(clips, desc=desc, disable=quiet, leave=False, file=sys.stderr):
-        try:
-            wave = load_audio(clip.path, mel.cfg.sample_rate)
-        except InputError as e:
-            warn(f"skipped: {e}")
-            continue
-        if is_silent(wave):
-            warn(f"skipped: silent clip ({clip.path})")
-            continue
-        features.append(mel(trim_silence(wave, mel.cfg.sample_rate)))
+        cached = cache.load(clip.path) if cache is not None else None
+        if cached is None:
+            try:
+                wave = load_audio(clip.path, SAMPLE_RATE)
+            except InputError as e:
+                warn(f"skipped: {e}")
+                continue
+            if is_silent(wave):
+                warn(f"skipped: silent clip ({clip.path})")
+                continue
+            cached = featurize(trim_silence(wave, SAMPLE_RATE))
+            if cache is not None:
+                cached = cache.save(clip.path, cached)
+        features.append(cached)
         kept.append(clip)
     return Examples(kept, features, None if text_of is None else [text_of[clip.path] for clip in kept])
 
@@ -179,17 +190,16 @@ def speaker_normalized(examples: Examples, quiet: bool) -> Examples:
     return replace(examples, features=[baselines.normalize(s, f) for s, f in zip(speakers, examples.features)])
 
 
-def gather_baselines(paths: Sequence[Path], speaker_of_path: Callable[[Path], str], mel: LogMel, quiet: bool
-                     ) -> SpeakerBaselines:
+def gather_baselines(paths: Sequence[Path], speaker_of_path: Callable[[Path], str], featurize: Featurize,
+                     quiet: bool) -> SpeakerBaselines:
     """Each speaker's baseline over all their files given, decoded as a stream (memory stays flat).
     Unreadable files are passed over here; predicting them reports the error."""
     baselines = SpeakerBaselines()
-    block_seconds = WINDOW_FRAMES * mel.cfg.hop_length / mel.cfg.sample_rate
     for path in tqdm(paths, desc="speaker baselines", disable=quiet, leave=False, file=sys.stderr):
         try:
-            for block in stream_audio(path, block_seconds, mel.cfg.sample_rate):
+            for block in stream_audio(path, WINDOW_SECONDS, SAMPLE_RATE):
                 if not is_silent(block):
-                    baselines.add(speaker_of_path(path), mel(trim_silence(block, mel.cfg.sample_rate)))
+                    baselines.add(speaker_of_path(path), featurize(trim_silence(block, SAMPLE_RATE)))
         except InputError:
             continue
     warn_thin_baselines(baselines, quiet)
@@ -201,8 +211,8 @@ def unchanged(features: torch.Tensor) -> torch.Tensor:
     return features
 
 
-def speaker_normalizer(paths: Sequence[Path], options: dict[str, Any], speaker_by: SpeakerBy | None, mel: LogMel,
-                       quiet: bool) -> Callable[[Path], Normalize]:
+def speaker_normalizer(paths: Sequence[Path], options: dict[str, Any], speaker_by: SpeakerBy | None,
+                       featurize: Featurize, quiet: bool) -> Callable[[Path], Normalize]:
     """path -> what to do to its features: subtract its speaker's baseline if the model was trained so
     (`options`: the trainer's, as the checkpoint recorded them)."""
     if not options.get("speaker_norm"):
@@ -212,7 +222,7 @@ def speaker_normalizer(paths: Sequence[Path], options: dict[str, Any], speaker_b
     scheme, pattern = options.get("labels", "folders"), speaker_pattern(options.get("speaker_pattern"))
     key = {"name": lambda path: speaker_of(path, scheme, pattern), "file": str,
            "all": lambda path: ""}[speaker_by or "name"]
-    baselines = gather_baselines(paths, key, mel, quiet)
+    baselines = gather_baselines(paths, key, featurize, quiet)
     return lambda path: partial(baselines.normalize, key(path)) if baselines.frames(key(path)) else unchanged
 
 
@@ -223,15 +233,19 @@ def text_config(options: SpeechEmotionOptions) -> TextConfig:
     return TextConfig(dim=options.dim)
 
 
-def model_config(options: SpeechEmotionOptions, data: TrainingData) -> AudioEmotionConfig:
+def model_config(options: SpeechEmotionOptions, data: TrainingData, encoder: Encoder) -> AudioEmotionConfig:
     """A new model for `options`; under fusion the audio encoder is the one built without, so the two
-    compare like for like."""
-    frames = torch.cat(data.train.features)
+    compare like for like. Log-mels are normalised by the training set's statistics; an encoder's hidden
+    states by a layer norm of the model's own."""
+    statistics = {}
+    if not encoder.pretrained:
+        frames = torch.cat(data.train.features)
+        statistics = {"feature_mean": float(frames.mean()), "feature_std": float(frames.std())}
     return AudioEmotionConfig(n_mels=options.n_mels, num_classes=len(data.classes), dim=options.dim,
                               depth=options.depth, ffn=options.ffn, n_heads=max(1, options.dim // 32),
-                              feature_mean=float(frames.mean()), feature_std=float(frames.std()),
                               fusion=options.fusion, text=text_config(options) if options.fused else None,
-                              fusion_dim=options.dim)
+                              fusion_dim=options.dim, encoder=encoder.name, ssl=encoder.params,
+                              unfreeze=options.unfreeze, **statistics)
 
 
 class Scores(NamedTuple):
@@ -294,13 +308,17 @@ def check_options(options: SpeechEmotionOptions) -> None:
         raise UsageError(f"crop-seconds must be above 0.5, got {options.crop_seconds}", "--crop-seconds")
     if options.fused and options.dim % 4:
         raise UsageError(f"dim must be a multiple of 4 under --fusion, got {options.dim}", "--dim")
+    if options.unfreeze and options.encoder == "mel":
+        raise UsageError("--unfreeze fine-tunes a pretrained --encoder; log-mels have no layers", "--unfreeze")
 
 
-def training_set(data: TrainingData, options: SpeechEmotionOptions) -> tuple[Dataset, Callable[[list], Any]]:
-    """The training clips as random crops with SpecAugment (with their transcripts under fusion), and their collate."""
-    mel = MelConfig(n_mels=options.n_mels)
-    crop_frames = round(options.crop_seconds * mel.sample_rate / mel.hop_length)
-    clips = LogMelClips(data.train.features, data.train.targets(data.classes), crop_frames, augment=True)
+def training_set(data: TrainingData, options: SpeechEmotionOptions, encoder: Encoder
+                 ) -> tuple[Dataset, Callable[[list], Any]]:
+    """The training clips as random crops, log-mels with SpecAugment (with their transcripts under fusion),
+    and their collate."""
+    crop_frames = round(options.crop_seconds * encoder.frame_rate)
+    clips = LogMelClips(data.train.features, data.train.targets(data.classes), crop_frames,
+                        augment=not encoder.pretrained)
     if data.train.text is None:
         return clips, collate_padded
     return TranscribedClips(clips, data.train.text), collate_transcribed
@@ -314,14 +332,24 @@ def train(options: SpeechEmotionOptions, run_dir: Path, *, resume: bool, force: 
         options, meta = runs.resume_options(options, run_dir, KIND, explicit)
     check_options(options)
     train_cfg = TrainConfig.of(options, quiet=quiet)  # checks them, too
-    data = load_training_data(options, quiet)
+    encoder = open_encoder(options.encoder, n_mels=options.n_mels, unfreeze=options.unfreeze,
+                           params=meta.config.get("ssl") if meta else None,
+                           expected_sha256=meta.setup.get("encoder_sha256") if meta else None, device=device,
+                           quiet=quiet)
+    cache = FeatureCache(Path(run_dir) / "features", encoder, options.unfreeze) if encoder.pretrained else None
+    data = load_training_data(options, quiet, encoder.featurize, cache)
     if meta is not None and list(meta.classes) != data.classes:
         raise UsageError(f"the run was trained on the classes {', '.join(meta.classes)}, this data has "
                          f"{', '.join(data.classes)}", options.data)
     run_dir = runs.prepare_run_dir(run_dir, resume, force)
     seed_everything(options.seed)
-    model = build_model(meta) if meta is not None else AudioEmotionClassifier(model_config(options, data))
-    dataset, collate = training_set(data, options)
+    if meta is not None:
+        model = build_model(meta)
+    else:
+        model = AudioEmotionClassifier(model_config(options, data, encoder))
+        if encoder.network is not None:  # the fine-tuned top layers start from the pretrained ones
+            model.encoder.front.load_top(encoder.network)
+    dataset, collate = training_set(data, options, encoder)
     fusion_note = f", {options.fusion} fusion" if options.fused else ""
     report: dict[str, Any] = {}
 
@@ -331,15 +359,29 @@ def train(options: SpeechEmotionOptions, run_dir: Path, *, resume: bool, force: 
                        title=f"held-out confusion{fusion_note}, step {step} (accuracy {report['accuracy']:.1%})")
         return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
 
+    setup = {"encoder_sha256": encoder.sha256} if encoder.pretrained else {}  # the encoder's weights: named, not copied
     result = fit(model, dataset, partial(classification_loss, moe=options.ffn == "moe"), train_cfg, run_dir,
-                 meta=CheckpointMeta.of(KIND, model.config, classes=tuple(data.classes), options=options.record()),
+                 meta=CheckpointMeta.of(KIND, model.config, classes=tuple(data.classes), options=options.record(),
+                                        setup=setup),
                  device=device, resume=resume, evaluate=evaluate_heldout,
                  collate_fn=collate)
     plot_curves(read_metrics(run_dir), ["loss", "train_acc", "accuracy", "macro_f1"], run_dir / "curves.png",
                 title=f"audio-emotion{' + transcript' if options.fused else ''}{fusion_note}", log_keys=("loss",))
-    return result, {"fusion": options.fusion, "classes": data.classes, "train_clips": len(data.train.clips),
-                    "heldout_clips": len(data.heldout.clips), "speaker_norm": options.speaker_norm,
-                    "split": "heldout folder" if options.heldout else options.split_by, **report}
+    summary = {"fusion": options.fusion, "encoder": options.encoder, "classes": data.classes,
+               "train_clips": len(data.train.clips), "heldout_clips": len(data.heldout.clips),
+               "speaker_norm": options.speaker_norm,
+               "split": "heldout folder" if options.heldout else options.split_by, **report}
+    if encoder.pretrained:  # which of the encoder's layers the classifier listens to
+        summary["layer_weights"] = layer_weights(model)
+        plot_bars(summary["layer_weights"], [str(i + 1) for i in range(len(summary["layer_weights"]))],
+                  run_dir / "layer_weights.png", title=f"{options.encoder} layer weights learned by the classifier",
+                  xlabel="layer", ylabel="softmax weight")
+    return result, summary
+
+
+def layer_weights(model: AudioEmotionClassifier) -> list[float]:
+    """The softmax weight the classifier gives each of the encoder's layers (bottom first)."""
+    return [round(float(w), 4) for w in model.encoder.front.mix.weights().detach()]
 
 
 # --------------------------------------------------------------------------- predict
@@ -363,7 +405,7 @@ class SpeechClassifier:
 
     model: AudioEmotionClassifier
     classes: list[str]
-    mel: LogMel
+    featurize: Featurize
     device: torch.device
     normalizer: Callable[[Path], Normalize]
 
@@ -380,23 +422,23 @@ class SpeechClassifier:
     def label_file(self, path: Path) -> dict[str, Any]:
         """One label for a whole file: decoded, trimmed of silence, (speaker-normalised,) classified."""
         text = self.transcript(path)  # first: no transcript, no decoding
-        wave = load_audio(path, self.mel.cfg.sample_rate)
+        wave = load_audio(path, SAMPLE_RATE)
         if is_silent(wave):
             raise InputError("audio is silent: nothing to classify", path)
-        speech = trim_silence(wave, self.mel.cfg.sample_rate)
-        if speech.numel() < MIN_SPEECH_SECONDS * self.mel.cfg.sample_rate:
-            warn(f"only {speech.numel() / self.mel.cfg.sample_rate:.3f} s of sound: too short to judge an emotion, "
+        speech = trim_silence(wave, SAMPLE_RATE)
+        if speech.numel() < MIN_SPEECH_SECONDS * SAMPLE_RATE:
+            warn(f"only {speech.numel() / SAMPLE_RATE:.3f} s of sound: too short to judge an emotion, "
                  f"the label is a guess ({path})")
-        features = self.normalizer(path)(self.mel(speech))
         # Long files: classify 30 s windows (each with the whole transcript) and average by length,
-        # so attention never spans a whole hour.
-        windows = list(features.split(WINDOW_FRAMES))
+        # so attention never spans a whole hour, nor an encoder's features a whole file.
+        normalize = self.normalizer(path)
+        windows = [normalize(self.featurize(w)) for w in speech.split(round(WINDOW_SECONDS * SAMPLE_RATE))]
         weights = torch.tensor([len(w) for w in windows], dtype=torch.float32)
         scores = classify(self.model, windows, self.device, None if text is None else [text] * len(windows))
         probs = (scores.probs * weights[:, None]).sum(0) / weights.sum()
         record = {**top_label(probs, self.classes),
                   "probabilities": {c: round(float(p), 4) for c, p in zip(self.classes, probs)},
-                  "duration": round(wave.numel() / self.mel.cfg.sample_rate, 3)}
+                  "duration": round(wave.numel() / SAMPLE_RATE, 3)}
         if self.model.config.fused:
             record["fusion"] = self.fusion
         if scores.gates is not None:
@@ -405,7 +447,7 @@ class SpeechClassifier:
 
     def timeline(self, path: Path, segment: float) -> Iterator[dict[str, Any]]:
         """One record per `segment` seconds, decoding the file block by block (memory stays flat)."""
-        rate, normalize = self.mel.cfg.sample_rate, self.normalizer(path)
+        rate, normalize = SAMPLE_RATE, self.normalizer(path)
         start = 0.0
         for block in stream_audio(path, segment, rate):
             end = start + block.numel() / rate
@@ -413,7 +455,7 @@ class SpeechClassifier:
             if is_silent(block):
                 record.update(label=None, score=None, silent=True)
             else:
-                record.update(top_label(classify(self.model, [normalize(self.mel(block))], self.device).probs[0],
+                record.update(top_label(classify(self.model, [normalize(self.featurize(block))], self.device).probs[0],
                                         self.classes))
             yield record
             start = end
@@ -425,9 +467,11 @@ def open_classifier(checkpoint: Path, paths: Sequence[Path], *, segment: float |
     model, meta = load_model(checkpoint, device)
     if segment is not None and model.config.fused:
         raise UsageError("--segment needs an audio-only checkpoint: a transcript covers the whole file", "--segment")
-    mel = LogMel(MelConfig(n_mels=model.config.n_mels))
-    return SpeechClassifier(model, meta.class_names(checkpoint), mel, device,
-                            speaker_normalizer(paths, meta.options, speaker_by, mel, quiet))
+    config = model.config
+    encoder = open_encoder(config.encoder, n_mels=config.n_mels, unfreeze=config.unfreeze, params=config.ssl,
+                           expected_sha256=meta.setup.get("encoder_sha256"), device=device, quiet=quiet)
+    return SpeechClassifier(model, meta.class_names(checkpoint), encoder.featurize, device,
+                            speaker_normalizer(paths, meta.options, speaker_by, encoder.featurize, quiet))
 
 
 # --------------------------------------------------------------------------- synthetic set

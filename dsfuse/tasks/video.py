@@ -5,28 +5,34 @@ write a synthetic dataset. `classify-video` and `dsfuse demo` call in here.
 
 from __future__ import annotations
 
+import bisect
+import math
 import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dsfuse import choices, runs
 from dsfuse.checkpoint import CheckpointMeta, build_model, load_checkpoint, read_metadata
-from dsfuse.data.audio import LogMel, MelConfig
+from dsfuse.data.audio import SAMPLE_RATE, LogMel, MelConfig
 from dsfuse.data.av_video import AudioVisualFolder, collate_clips, soundtrack_mel
-from dsfuse.data.video import VideoFolder, read_clips, stratified_split
+from dsfuse.data.media import caption_frame, write_video_frames
+from dsfuse.data.video import (VideoFolder, clip_starts, iter_frames, probe_video, read_audio_track, read_clips,
+                               stratified_split)
 from dsfuse.device import seed_everything, select_device
 from dsfuse.engine import TrainConfig, TrainResult, fit, read_metrics, to_device, unwrap
-from dsfuse.errors import UsageError
+from dsfuse.errors import InputError, UsageError
 from dsfuse.io import claim_output_folder
 from dsfuse.metrics import accuracy, confusion_matrix
-from dsfuse.models.video import (AV_VIDEO_KIND, VideoClassifier, VideoConfig, kinetics_categories, load_av_video,
-                                 require_kinetics_weights)
+from dsfuse.models.video import (AV_VIDEO_KIND, VideoClassifier, VideoConfig, kinetics_categories, kinetics_url,
+                                 load_av_video)
 from dsfuse.plots import plot_confusion, plot_curves
 from dsfuse.report import warn
+from dsfuse.weights import WeightsFile, load_state_dict, resolve
 
 TASK = KIND = "video"  # the default run directories (runs/video/train, ...) and the checkpoint kind
 FUSED_STRATEGIES = tuple(s for s in choices.values(choices.Fusion) if s != "none")
@@ -43,12 +49,15 @@ class VideoTrainOptions(runs.TrainOptions):
     fps: float | None
     held_out: float
     fusion: choices.Fusion
+    weights: Path | None = None  # with pretrained: this Kinetics-400 file instead of the cache or a download
 
     def check(self) -> None:
         if not 0 < self.held_out < 1:
             raise UsageError(f"held-out fraction must be between 0 and 1, got {self.held_out}", "--held-out")
         if (self.frames is not None and self.frames < 1) or (self.fps is not None and self.fps <= 0):
             raise UsageError("frames must be at least 1 and fps positive", "--frames/--fps")
+        if self.weights is not None and not self.pretrained:
+            raise UsageError("--weights is the file of --pretrained", "--weights")
 
     def config(self) -> VideoConfig:
         """The model's config before the data is known (the classes, the soundtrack's statistics)."""
@@ -93,7 +102,18 @@ def load_data(options: VideoTrainOptions, config: VideoConfig, quiet: bool = Fal
 
 # --------------------------------------------------------------------------- training
 
-def new_model(options: VideoTrainOptions, config: VideoConfig, data: VideoData) -> VideoClassifier:
+def kinetics_weights(backbone: str, explicit: Path | None = None, quiet: bool = False) -> Path:
+    """`backbone`'s Kinetics-400 weights file: `explicit`, else torch hub's cache, else downloaded (when online)."""
+    return resolve(WeightsFile(kinetics_url(backbone)), explicit, option="--pretrained", quiet=quiet)
+
+
+def load_kinetics(model: VideoClassifier, explicit: Path | None = None, quiet: bool = False) -> None:
+    path = kinetics_weights(model.config.backbone, explicit, quiet)
+    model.load_kinetics(load_state_dict(path), path)
+
+
+def new_model(options: VideoTrainOptions, config: VideoConfig, data: VideoData, quiet: bool = False
+              ) -> VideoClassifier:
     """A seeded model for `data`'s classes (and its soundtracks' log-mel statistics), Kinetics weights if asked."""
     config = replace(config, num_classes=len(data.classes))
     if config.fused:
@@ -103,7 +123,7 @@ def new_model(options: VideoTrainOptions, config: VideoConfig, data: VideoData) 
     seed_everything(options.seed)
     model = VideoClassifier(config)
     if options.pretrained:
-        model.load_kinetics()
+        load_kinetics(model, options.weights, quiet)
     return model
 
 
@@ -115,7 +135,7 @@ def train(options: VideoTrainOptions, out: Path, *, resume: bool = False, force:
         options, meta = runs.resume_options(options, out, KIND, explicit)
     options.check()
     if options.pretrained and not resume:
-        require_kinetics_weights(options.backbone)  # before reading any video
+        kinetics_weights(options.backbone, options.weights, quiet)  # before reading any video
     torch_device = select_device(device)
     model = build_model(meta) if meta else None
     config = model.config if model else options.config()
@@ -123,7 +143,7 @@ def train(options: VideoTrainOptions, out: Path, *, resume: bool = False, force:
     if meta and list(meta.classes) != data.classes:
         raise UsageError("the class folders differ from the run's; resume with the same data", options.data)
     if model is None:
-        model = new_model(options, config, data)
+        model = new_model(options, config, data, quiet)
     return fit_model(model, options, data, out, resume=resume, force=force, device=torch_device, quiet=quiet)
 
 
@@ -182,7 +202,7 @@ def compare_fusion(options: VideoTrainOptions, out: Path, *, force: bool = False
     def each() -> Iterator[tuple[TrainResult, dict[str, Any]]]:
         for strategy in FUSED_STRATEGIES:
             started, chosen = time.perf_counter(), replace(options, fusion=strategy)
-            model = new_model(chosen, replace(config, fusion=strategy), data)
+            model = new_model(chosen, replace(config, fusion=strategy), data, quiet)
             result, summary = fit_model(model, chosen, data, out / strategy, resume=False, force=force,
                                         device=torch_device, quiet=quiet)
             yield result, {"fusion": strategy, "accuracy": summary["accuracy"],
@@ -201,17 +221,18 @@ def load_trained(checkpoint: Path, device: torch.device | str = "cpu") -> tuple[
     return load_checkpoint(checkpoint, kind=KIND, device=device)
 
 
-def load_classifier(checkpoint: Path | None, backbone: choices.PretrainedBackbone | None,
-                    device: torch.device) -> tuple[VideoClassifier, list[str]]:
-    """A trained checkpoint with its class names, or (no checkpoint) torchvision's Kinetics-400 `backbone`."""
+def load_classifier(checkpoint: Path | None, backbone: choices.PretrainedBackbone | None, device: torch.device,
+                    weights: Path | None = None, quiet: bool = False) -> tuple[VideoClassifier, list[str]]:
+    """A trained checkpoint with its class names, or (no checkpoint) torchvision's Kinetics-400 `backbone`
+    (from the `weights` file, else the cache, else a download)."""
     if checkpoint is not None:
         model, meta = load_trained(checkpoint, device)
         return model, meta.class_names(checkpoint)
     if backbone is None:
         raise UsageError("--pretrained needs --backbone", "--backbone")
-    require_kinetics_weights(backbone)  # before building a large model for nothing
+    path = kinetics_weights(backbone, weights, quiet)  # before building a large model for nothing
     model = VideoClassifier(VideoConfig.for_backbone(backbone, 400))
-    model.load_kinetics()
+    model.load_kinetics(load_state_dict(path), path)
     return model.to(device).eval(), kinetics_categories(backbone)
 
 
@@ -235,31 +256,70 @@ class VideoPredictor:
         return self.model.config.fusion
 
     @torch.no_grad()
-    def probabilities(self, path: Path) -> torch.Tensor:
-        """Class probabilities [classes] of one video."""
+    def probabilities(self, path: Path, span: tuple[float, float] | None = None) -> torch.Tensor:
+        """Class probabilities [classes] of one video, or of its `span` (start, end) in seconds: the mean
+        over clips spread over it, heard with the soundtrack from the span's start when fused."""
         cfg = self.model.config
-        mel = (soundtrack_mel(path, cfg.audio_seconds, self.log_mel).to(self.device)  # first: no sound, no decoding
-               if self.log_mel else None)
-        frames = read_clips(path, cfg.frames, cfg.fps, self.clips, cfg.decode_size).to(self.device)
+        mel = (self.soundtrack(path, span).to(self.device) if self.log_mel else None)  # first: no sound, no decoding
+        starts = None if span is None else [span[0] + s for s in clip_starts(span[1] - span[0], cfg.frames / cfg.fps,
+                                                                             self.clips)]
+        frames = read_clips(path, cfg.frames, cfg.fps, self.clips, cfg.decode_size, starts=starts).to(self.device)
         mels = None if mel is None else mel[None].expand(len(frames), -1, -1)
         return self.model(self.model.preprocess(frames), mels).softmax(-1).mean(0)
+
+    def soundtrack(self, path: Path, span: tuple[float, float] | None) -> torch.Tensor:
+        """Log-mels of the first `audio_seconds` of the soundtrack, or of the span's (at most as long)."""
+        seconds = self.model.config.audio_seconds
+        if span is None:
+            return soundtrack_mel(path, seconds, self.log_mel)
+        wave = read_audio_track(path, SAMPLE_RATE, start=span[0], duration=min(span[1] - span[0], seconds))
+        if wave.numel() == 0:
+            raise InputError(f"audio track holds no samples at {span[0]:.2f} s", path)
+        return self.log_mel(wave)
 
     def __call__(self, path: Path) -> dict[str, Any]:
         return {"fusion": self.fusion, "top": top_labels(self.probabilities(path), self.classes, self.top_k)}
 
+    def timeline(self, path: Path, segment: float) -> Iterator[dict[str, Any]]:
+        """One record {start, end, top} per `segment` seconds (one segment when longer than the video),
+        each decoded on its own: memory stays flat over the video's length."""
+        duration = probe_video(path).duration
+        count = max(1, math.ceil(duration / segment - 1e-6))
+        for i in range(count):
+            start, end = i * segment, (duration if i == count - 1 else (i + 1) * segment)
+            probs = self.probabilities(path, (start, end))
+            yield {"start": round(start, 3), "end": round(end, 3), "top": top_labels(probs, self.classes, self.top_k)}
+
+
+def render_timeline(path: Path, records: list[dict[str, Any]], out: Path) -> Path:
+    """`path` re-encoded into `out` (H.264 mp4, at its frame rate) with each frame's segment label and score
+    drawn on it; frames stream through, so memory stays flat."""
+    ends = [r["end"] for r in records]
+
+    def captioned() -> Iterator[np.ndarray]:
+        for time, rgb in iter_frames(path):
+            best = records[min(bisect.bisect_right(ends, time), len(records) - 1)]["top"][0]
+            yield caption_frame(rgb, f"{best['label']} {best['score']:.2f}")
+
+    return write_video_frames(out, captioned(), probe_video(path).fps)
+
 
 def load_predictor(checkpoint: Path | None, backbone: choices.PretrainedBackbone | None, pretrained: bool, *,
-                   top_k: int, clips: int, device: str = "auto", seed: int = 0) -> VideoPredictor:
-    """The predictor of a trained checkpoint, or of a Kinetics-400 backbone with `pretrained`."""
+                   top_k: int, clips: int, device: str = "auto", seed: int = 0, weights: Path | None = None,
+                   quiet: bool = False) -> VideoPredictor:
+    """The predictor of a trained checkpoint, or of a Kinetics-400 backbone with `pretrained` (its `weights`
+    file, else the cache, else a download)."""
     if top_k < 1:
         raise UsageError(f"top-k must be at least 1, got {top_k}", "--top-k")
     if clips < 1:
         raise UsageError(f"clips must be at least 1, got {clips}", "--clips")
     if (checkpoint is None) == (not pretrained):
         raise UsageError("give either --checkpoint or --pretrained (with --backbone)", "--checkpoint/--pretrained")
+    if weights is not None and not pretrained:
+        raise UsageError("--weights is the file of --pretrained", "--weights")
     torch_device = select_device(device)
     seed_everything(seed)
-    model, classes = load_classifier(checkpoint, backbone, torch_device)
+    model, classes = load_classifier(checkpoint, backbone, torch_device, weights, quiet)
     return VideoPredictor(model, classes, torch_device, top_k, clips)
 
 
