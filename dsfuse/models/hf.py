@@ -4,15 +4,17 @@ with model.safetensors.index.json) and tokenizer.json.
     folder = ModelFolder(path)            # config and architecture read, shards checked, nothing loaded
     model = load_model(folder)            # the whole model, weights in their stored dtype
     model = load_model(folder, torch.float32)
+    for layer in streamed_layers(folder, skeleton(folder), x):   # one decoder layer resident at a time
+        x = layer(x, causal=True)
 
-Tensors are read through memory-mapped `safe_open` handles, one module at a time, so a caller can
-also build the model on the meta device and materialise one decoder layer at a time (`load_module`).
+Tensors are read through memory-mapped `safe_open` handles, one module at a time.
 Everything wrong with the folder is a one-line `UsageError`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +130,21 @@ def load_model(folder: ModelFolder, dtype: torch.dtype | None = None) -> nn.Modu
     if folder.config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     return model.eval()
+
+
+def skeleton(folder: ModelFolder) -> nn.Module:
+    """The model with every parameter on the meta device (no memory): `streamed_layers` fills it in turn."""
+    with torch.device("meta"):
+        return folder.arch.build(folder.config).eval()
+
+
+def streamed_layers(folder: ModelFolder, model: nn.Module, dtype: torch.dtype | None = None
+                    ) -> Iterator[nn.Module]:
+    """Each decoder layer of a `skeleton` loaded in turn and emptied again (back to the meta device) once
+    the caller asks for the next, so one layer's weights are resident at a time."""
+    for i, layer in enumerate(model.layers):
+        load_module(folder, layer, f"layers.{i}.", dtype)
+        try:
+            yield layer
+        finally:
+            layer.to("meta")

@@ -323,6 +323,7 @@ class RoutingRecord:
     demand: torch.Tensor  # [E] assignments routed to each expert before the capacity cut
     probs: torch.Tensor  # [N, E]
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted balance, seq_balance, z
+    weights: torch.Tensor | None = None  # [N, k] the gate value of each chosen expert
 
 
 # --------------------------------------------------------------------------- the layer
@@ -363,7 +364,8 @@ class MoE(nn.Module):
         kept = plan.kept.view_as(routing.expert_ids) if plan.kept is not None else None
         self.last_routing = RoutingRecord(routing.expert_ids.detach(), kept, plan.load.detach(),
                                           plan.demand.detach(), routing.probs.detach(),
-                                          {name: loss.detach() for name, loss in raw.items()})
+                                          {name: loss.detach() for name, loss in raw.items()},
+                                          routing.weights.detach())
         if cfg.router == "aux-free" and self.training:
             self.router.update_bias(plan.load, cfg.bias_update_rate)
 
