@@ -168,7 +168,7 @@ def generate_model(folder: Path, layers: int) -> float:
 
 
 MEASURE = """
-import resource, sys, torch
+import sys, torch
 torch.set_num_threads({threads})
 sys.path.insert(0, {repo!r})
 from dsfuse.models.hf import ModelFolder, load_model
@@ -181,7 +181,8 @@ if {whole}:
         model(torch.tensor([folder.tokenizer().encode(text).ids[:{tokens}]]), last_only=True)
 else:
     route_text(folder, folder.tokenizer(), text, "bench", None, {tokens}, quiet=True)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM is this program's peak (ru_maxrss would carry over the forking parent's from before exec)
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
 
 
@@ -191,7 +192,7 @@ def peak_rss_gb(folder: Path, whole: bool, tokens: int = 256) -> tuple[float, fl
     code = MEASURE.format(repo=str(REPO), folder=str(folder), text=__file__, whole=whole, tokens=tokens,
                           threads=torch.get_num_threads())
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(proc.stdout.split()[-1]) / 1e6, time.perf_counter() - started  # ru_maxrss is in KB on Linux
+    return int(proc.stdout.split()[-1]) / 1e6, time.perf_counter() - started  # VmHWM is in kB
 
 
 def memory(work: Path, layer_counts: tuple[int, int]) -> list[tuple]:
@@ -216,7 +217,7 @@ def main() -> None:
     parser.add_argument("--part", choices=["speed", "memory", "both"], default="both")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--layers", type=int, nargs=2, default=(9, 38), help="layers of the small and big model")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's); on a shared "
                                                                   "machine 1 keeps the timings steady")

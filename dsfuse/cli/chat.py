@@ -192,7 +192,7 @@ def chat(
     backend: Annotated[BackendChoice, typer.Option("--backend", help="remote (DeepSeek API or --base-url), local "
                                                    "(offline SmolLM2), or auto: remote when a key is set.")] = BackendChoice.auto,
     local: Annotated[str | None, typer.Option("--local", help="Chat offline with this model on dsfuse's core: a "
-                                              "Hugging Face model folder or Hub id, or a Llama GGUF file.")] = None,
+                                              "Hugging Face model folder or Hub id, or a Llama/Qwen2 GGUF file.")] = None,
     base_url: Annotated[str | None, typer.Option("--base-url", help="Any OpenAI-compatible server "
                                                  "(default: DeepSeek's API).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Remote model: deepseek-v4-flash (default), "
