@@ -65,6 +65,7 @@ def moe_inspect(
 
     if model is not None:
         inspect_model(model, text, compare, routes_out, dtype, max_tokens, plot, json, quiet, force,
+                      select_device(device),
                       given=[flag for flag, value in (("--checkpoint", checkpoint), ("--input", input)) if value])
         return
     for flag, value in (("--text", text), ("--compare", compare), ("--routes-out", routes_out)):
@@ -89,7 +90,7 @@ def moe_inspect(
 
 def inspect_model(model: str, text: Path | None, compare: Path | None, routes_out: Path | None,
                   dtype: ComputeDtype, max_tokens: int, plot: Path | None, json: bool, quiet: bool, force: bool,
-                  given: list[str]) -> None:
+                  device: Any, given: list[str]) -> None:
     """moe-inspect MODEL: route real text through a real model and print the per-layer table."""
     from dsfuse.tasks.model_routing import inspect_model as inspect
 
@@ -98,7 +99,8 @@ def inspect_model(model: str, text: Path | None, compare: Path | None, routes_ou
     if text is None:
         raise UsageError("MODEL needs --text (a file, - for stdin, or the text itself)", "--text")
     result = inspect(model, str(text), compare=None if compare is None else str(compare), dtype=dtype,
-                     max_tokens=max_tokens, plot=plot, routes_out=routes_out, force=force, quiet=quiet)
+                     max_tokens=max_tokens, plot=plot, routes_out=routes_out, force=force, quiet=quiet,
+                     device=device)
     if json:
         emit_json(result)
         return

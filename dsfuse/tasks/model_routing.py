@@ -58,9 +58,9 @@ def read_text(arg: str) -> tuple[str, str]:
 
 
 def route_text(folder: ModelFolder, tokenizer: Any, text: str, source: str, dtype: torch.dtype | None,
-               max_tokens: int, quiet: bool = False) -> TextRoutes:
-    """Tokenize `text` and send it through the model layer by layer (streamed), keeping each MoE
-    layer's routing record."""
+               max_tokens: int, quiet: bool = False, device: torch.device | None = None) -> TextRoutes:
+    """Tokenize `text` and send it through the model layer by layer (streamed; each layer moved to
+    `device` while it runs), keeping each MoE layer's routing record."""
     encoding = tokenizer.encode(text)
     ids = encoding.ids
     if len(ids) > max_tokens:
@@ -71,12 +71,14 @@ def route_text(folder: ModelFolder, tokenizer: Any, text: str, source: str, dtyp
                          f"{folder.config.vocab_size}", folder.path / "tokenizer.json")
     tokens = [text[a:b] if b > a else encoding.tokens[i] for i, (a, b) in enumerate(encoding.offsets[:len(ids)])]
     model = skeleton(folder)
+    device = device or torch.device("cpu")
     load_module(folder, model.embed, "embed.", dtype)
     with torch.inference_mode():
-        x = model.embed(torch.tensor([ids]))
+        x = model.embed.to(device)(torch.tensor([ids], device=device))
         model.embed.to("meta")
         layers = []
         for i, layer in enumerate(streamed_layers(folder, model, dtype)):
+            layer.to(device)
             x = layer(x.to(layer.attn_norm.weight.dtype), causal=True)
             if isinstance(layer.ffn, MoE):
                 layers.append((f"layer {i}", layer.ffn.last_routing))
@@ -107,7 +109,7 @@ def write_routes(all_routes: list[TextRoutes], path: Path) -> Path:
 
 def inspect_model(model: str, text: str, *, compare: str | None = None, dtype: ComputeDtype = "auto",
                   max_tokens: int = 4096, plot: Path | None = None, routes_out: Path | None = None,
-                  force: bool = False, quiet: bool = False) -> dict[str, Any]:
+                  force: bool = False, quiet: bool = False, device: torch.device | None = None) -> dict[str, Any]:
     """Route `text` (and the `compare` text) through `model`: per-layer statistics and, asked for, a
     heatmap (or the comparison plot) and the routes file. Every output is checked before any work."""
     for path in (plot, routes_out):
@@ -120,7 +122,8 @@ def inspect_model(model: str, text: str, *, compare: str | None = None, dtype: C
         raise UsageError("stdin can be only one of the two texts", "--compare")
     folder = ModelFolder(model_folder(model, quiet=quiet))
     tokenizer = folder.tokenizer()
-    routes = [route_text(folder, tokenizer, t, source, DTYPES[dtype], max_tokens, quiet) for t, source in texts]
+    routes = [route_text(folder, tokenizer, t, source, DTYPES[dtype], max_tokens, quiet, device)
+              for t, source in texts]
     first = routes[0]
     rows = layer_rows(first)
     maxvio = [r["maxvio"] for r in rows]
