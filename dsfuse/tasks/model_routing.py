@@ -79,7 +79,7 @@ def route_text(folder: ModelFolder, tokenizer: Any, text: str, source: str, dtyp
         layers = []
         for i, layer in enumerate(streamed_layers(folder, model, dtype)):
             layer.to(device)
-            x = layer(x.to(layer.attn_norm.weight.dtype), causal=True)
+            x = layer(x.to(next(layer.parameters()).dtype), causal=True)
             if isinstance(layer.ffn, MoE):
                 layers.append((f"layer {i}", layer.ffn.last_routing))
     if not layers:
