@@ -213,3 +213,17 @@ def test_swiglu_is_gated():
     with torch.no_grad():
         ffn.w1.weight.zero_()  # silu(0) = 0 closes the gate
     assert torch.equal(ffn(torch.randn(3, 8)), torch.zeros(3, 8))
+
+
+def test_a_forked_mla_cache_continues_like_the_full_sequence():
+    torch.manual_seed(0)
+    mla = MLA(KINDS["mla"]).eval()
+    x = torch.randn(1, 9, 32)
+    with torch.no_grad():
+        full = mla(x, causal=True)
+        cache = KVCache()
+        mla(x[:, :7], causal=True, cache=cache)
+        forked = cache.fork(5)  # keep 5 of the 7 cached positions, then go on from there
+        steps = [mla(x[:, i:i + 1], causal=True, cache=forked) for i in range(5, 9)]
+    assert forked.length == 9 and cache.length == 7 and cache.tensors["c_kv"].shape[1] == 7
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 5:], atol=1e-5, rtol=1e-4)
