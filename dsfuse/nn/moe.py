@@ -11,7 +11,10 @@ inspection: expert ids, kept assignments, loads, probabilities, the unweighted l
 
 Routers: "topk" (softmax, DeepSeek-V2/Switch), "noisy" (Shazeer et al. 2017: tunable Gaussian noise on
 the logits while training), "aux-free" (DeepSeek-V3: sigmoid affinities, top-k chosen on affinity +
-a per-expert bias that is nudged after every training forward towards equal loads; no gradient).
+a per-expert bias that is nudged after every training forward towards equal loads; no gradient), "hash"
+(DeepSeek-V4's first layers: a fixed token-id -> experts table `tid2eid` picks, the learned affinities
+weigh; the layer then needs `token_ids`). `affinity` (sigmoid or V4's sqrt-softplus) and `route_scale`
+shape the aux-free and hash routers' weights.
 Dispatch sorts assignments by expert once; "sorted" (the default) then runs each expert on its
 contiguous slice and adds the gated output straight back, "padded" runs all experts as one batched
 matmul over a buffer padded to the busiest expert's load, "grouped" uses torch's grouped matmul.
@@ -49,6 +52,9 @@ class MoEConfig:
     z_weight: float = 0.001  # router z-loss
     bias_update_rate: float = 0.001  # aux-free: how far each forward nudges the expert biases
     dispatch: str = "sorted"  # sorted | padded | grouped
+    affinity: choices.Affinity = "sigmoid"  # aux-free and hash: the score each expert's weight comes from
+    route_scale: float = 1.0  # aux-free and hash: multiplies the normalised weights (V4's routed_scaling_factor)
+    vocab_size: int = 0  # hash: the token ids the table covers
 
     def __post_init__(self) -> None:
         if self.n_experts < 1:
@@ -56,6 +62,9 @@ class MoEConfig:
         if not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"top_k must be between 1 and n_experts ({self.n_experts}), got {self.top_k}")
         choices.check(self.router, choices.Router, "router")
+        choices.check(self.affinity, choices.Affinity, "affinity")
+        if self.router == "hash" and self.vocab_size < 1:
+            raise ValueError("the hash router needs vocab_size, the token ids its table covers")
         if self.dispatch not in DISPATCHES:
             raise ValueError(f"dispatch must be one of {', '.join(DISPATCHES)}, got {self.dispatch!r}")
         if self.capacity_factor < 0:
@@ -122,6 +131,17 @@ class Routing:
     log_norm: torch.Tensor  # [N] log-sum-exp of the logits (the router z-loss squares it)
 
 
+AFFINITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "sigmoid": torch.sigmoid, "sqrtsoftplus": lambda logits: F.softplus(logits).sqrt()}
+
+
+def hash_table(vocab_size: int, n_experts: int, top_k: int, seed: int = 0) -> torch.Tensor:
+    """A fixed token-id -> k distinct experts table [vocab, k] for a fresh hash router (a checkpoint brings
+    its own): a seeded shuffle of the ids, each id's k experts spread evenly round the ring of experts."""
+    shuffled = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))
+    return (shuffled[:, None] + torch.arange(top_k) * (n_experts // top_k)) % n_experts
+
+
 class Router(nn.Module):
     """Scores tokens against experts and picks k per token (see the module docstring for the kinds)."""
 
@@ -134,14 +154,22 @@ class Router(nn.Module):
             nn.init.zeros_(self.noise.weight)  # start noiseless-but-trainable, as in Shazeer et al.
         if self.kind == "aux-free":
             self.register_buffer("bias", torch.zeros(cfg.n_experts))
+        if self.kind == "hash":
+            self.register_buffer("tid2eid", hash_table(cfg.vocab_size, cfg.n_experts, cfg.top_k))
+        self.affinity, self.route_scale = AFFINITIES[cfg.affinity], cfg.route_scale
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> Routing:
         logits = self.gate(x).float()
-        if self.kind == "aux-free":
-            affinity = torch.sigmoid(logits)
-            _, ids = (affinity + self.bias).topk(self.top_k, dim=-1, sorted=False)  # the bias picks, never weighs
+        if self.kind in ("aux-free", "hash"):
+            affinity = self.affinity(logits)
+            if self.kind == "hash":
+                if token_ids is None:
+                    raise ValueError("the hash router routes by token id: pass token_ids")
+                ids = self.tid2eid[token_ids.reshape(-1)]
+            else:
+                _, ids = (affinity + self.bias).topk(self.top_k, dim=-1, sorted=False)  # the bias picks, never weighs
             chosen = affinity.gather(-1, ids)
-            weights = chosen / chosen.sum(-1, keepdim=True)
+            weights = self.route_scale * chosen / chosen.sum(-1, keepdim=True)
             probs = affinity / affinity.sum(-1, keepdim=True)
             return Routing(logits, probs, ids, weights.to(x.dtype), torch.logsumexp(logits, dim=-1))
         if self.kind == "noisy" and self.training:
@@ -307,10 +335,10 @@ class MoE(nn.Module):
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.last_routing: RoutingRecord | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        routing = self.router(tokens)
+        routing = self.router(tokens, token_ids)
         plan = plan_dispatch(routing.expert_ids, self.cfg.n_experts, self.cfg.capacity(tokens.shape[0]))
         y = DISPATCH[self.cfg.dispatch](tokens, routing.weights, plan, self.experts)
         if self.shared is not None:
