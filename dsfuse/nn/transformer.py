@@ -11,6 +11,7 @@ from torch import nn
 from dsfuse.nn.attention import AttentionConfig, CrossAttention, KVCache, build_attention
 from dsfuse.nn.checkpointing import Checkpointable
 from dsfuse.nn.ffn import SwiGLU
+from dsfuse.nn.hyper_connections import HyperConnection
 from dsfuse.nn.moe import MoE, MoEConfig
 
 
@@ -18,10 +19,13 @@ class TransformerBlock(Checkpointable):
     """Self-attention (any AttentionConfig kind), then a SwiGLU or DeepSeekMoE feed-forward, each behind
     an RMSNorm. With ffn="moe", add `moe_aux_loss(model)` to the training loss. Under gradient
     checkpointing the block recomputes its activations in the backward pass; a MoE block recomputes its
-    attention only (its router updates its balancing bias as it runs, which must happen once)."""
+    attention only (its router updates its balancing bias as it runs, which must happen once).
+
+    With `hyper_streams` n > 0 the residual path is mHC (nn/hyper_connections): x holds n streams
+    [B, T, n, D] and each sub-layer sits in a HyperConnection instead of `x + f(x)` (no checkpointing)."""
 
     def __init__(self, dim: int, attention: AttentionConfig, ffn: str = "swiglu", ffn_hidden: int | None = None,
-                 moe: MoEConfig | None = None, norm_eps: float = 1e-6):
+                 moe: MoEConfig | None = None, norm_eps: float = 1e-6, hyper_streams: int = 0):
         super().__init__()
         if attention.dim != dim:
             raise ValueError(f"attention config has dim {attention.dim}, the block has {dim}")
@@ -36,9 +40,14 @@ class TransformerBlock(Checkpointable):
             self.ffn = MoE(moe)
         else:
             raise ValueError(f"ffn must be 'swiglu' or 'moe', got {ffn!r}")
+        self.attn_hc = HyperConnection(dim, hyper_streams, norm_eps=norm_eps) if hyper_streams else None
+        self.ffn_hc = HyperConnection(dim, hyper_streams, norm_eps=norm_eps) if hyper_streams else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
                 cache: KVCache | None = None) -> torch.Tensor:
+        if self.attn_hc is not None:
+            x = self.attn_hc(x, lambda h: self.attn(self.attn_norm(h), mask=mask, causal=causal, cache=cache))
+            return self.ffn_hc(x, lambda h: self.ffn(self.ffn_norm(h)))
         if cache is not None:  # decoding: no gradients to save memory for
             return self._feed_forward(x + self.attn(self.attn_norm(x), mask=mask, causal=causal, cache=cache))
         x = x + self.maybe_checkpoint(self._attend, x, mask, causal)
