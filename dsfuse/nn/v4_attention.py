@@ -25,7 +25,7 @@ from torch import nn
 from dsfuse import choices
 from dsfuse.nn.interleaved_rope import InterleavedRope
 from dsfuse.nn.kv_compression import CompressorState, KVCompressor, LightningIndexer, visible_rows
-from dsfuse.nn.sink_attention import window_sink_attention
+from dsfuse.nn.sink_attention import ExtraRows, window_sink_attention
 
 
 @dataclass
@@ -131,41 +131,41 @@ class V4Attention(nn.Module):
         q = self.rope(F.rms_norm(q, (cfg.head_dim,), eps=cfg.norm_eps), positions)
         kv = self.rope(self.kv_norm(self.kv_proj(x))[:, None], positions)
         kv, kv_start = cache.extend(kv, cfg.window) if cache is not None else (kv, offset)
-        rows, row_bias = None, None
+        extra = None
         if self.compressor is not None:
             rows = self.compressor(x, cache.compressor if cache is not None else None)
-            row_bias = self._hca_bias(rows, positions)
+            extra = self._closed_rows(rows, positions)
             if self.indexer is not None:
                 keys = self.indexer(x, cache.indexer if cache is not None else None)
-                row_bias = self._csa_bias(rows, keys, x, q_latent, positions)
-            rows = rows[:, None]
-        out = window_sink_attention(q, kv, offset, kv_start, cfg.window, self.sinks, cfg.head_dim ** -0.5,
-                                    rows, row_bias, cfg.chunk)
+                extra = self._picked_rows(rows, keys, x, q_latent, positions)
+        out = window_sink_attention(q, kv, offset, kv_start, cfg.window, self.sinks, cfg.head_dim ** -0.5, extra,
+                                    cfg.chunk)
         out = rearrange(self.rope(out, positions, inverse=True), "b (g h) t d -> b t g (h d)", g=cfg.o_groups)
         return self.o_b_proj(self.o_a_proj(out).flatten(2))
 
-    def _hca_bias(self, rows: torch.Tensor, positions: torch.Tensor):
-        """Every closed row, for the queries first..end."""
-        def bias(first: int, end: int) -> torch.Tensor:
+    def _closed_rows(self, rows: torch.Tensor, positions: torch.Tensor) -> ExtraRows:
+        """HCA: every row whose window has closed, for the queries first..end."""
+        def extra(first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
             closed = torch.arange(rows.shape[1], device=rows.device)[None, :] < visible_rows(
                 positions[first:end], self.cfg.compress_rate)[:, None]
-            return _additive(closed).expand(rows.shape[0], 1, -1, -1)
-        return bias
+            return rows[:, None], _additive(closed).expand(rows.shape[0], 1, -1, -1)
+        return extra
 
-    def _csa_bias(self, rows: torch.Tensor, keys: torch.Tensor, x: torch.Tensor, q_latent: torch.Tensor,
-                  positions: torch.Tensor):
-        """Only the rows the indexer picks for each of the queries first..end; the picks go to last_selection."""
+    def _picked_rows(self, rows: torch.Tensor, keys: torch.Tensor, x: torch.Tensor, q_latent: torch.Tensor,
+                     positions: torch.Tensor) -> ExtraRows:
+        """CSA: only the rows the indexer picks for each query first..end, gathered [B, C, k, D]; the picks
+        accumulate in last_selection."""
         picks: list[torch.Tensor] = []
-        self.last_selection = None
 
-        def bias(first: int, end: int) -> torch.Tensor:
+        def extra(first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
             picked = self.indexer.select(keys, x[:, first:end], q_latent[:, first:end], positions[first:end])
             picks.append(picked)
             self.last_selection = torch.cat(picks, dim=1)
-            chosen = torch.zeros(*picked.shape[:2], rows.shape[1] + 1, dtype=torch.bool, device=rows.device)
-            chosen.scatter_(-1, picked.masked_fill(picked < 0, rows.shape[1]), True)
-            return _additive(chosen[..., :-1])[:, None]
-        return bias
+            index = picked.clamp(min=0)
+            gathered = torch.gather(rows[:, None].expand(-1, index.shape[1], -1, -1), 2,
+                                    index[..., None].expand(-1, -1, -1, rows.shape[-1]))
+            return gathered, _additive(picked >= 0)[:, None]
+        return extra
 
 
 def _additive(allowed: torch.Tensor) -> torch.Tensor:
