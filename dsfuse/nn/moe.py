@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsfuse import choices
-from dsfuse.nn.ffn import SwiGLU
+from dsfuse.nn.ffn import SwiGLU, swiglu
 
 DISPATCHES = ("sorted", "padded", "grouped")
 
@@ -55,6 +55,7 @@ class MoEConfig:
     affinity: choices.Affinity = "sigmoid"  # aux-free and hash: the score each expert's weight comes from
     route_scale: float = 1.0  # aux-free and hash: multiplies the normalised weights (V4's routed_scaling_factor)
     vocab_size: int = 0  # hash: the token ids the table covers
+    swiglu_limit: float = 0.0  # clip the experts' gate and up projections (DeepSeek-V4); 0: off
 
     def __post_init__(self) -> None:
         if self.n_experts < 1:
@@ -84,9 +85,9 @@ class MoEConfig:
 class SwiGLUExperts(nn.Module):
     """`n` SwiGLU experts stored as stacked weights, gate and up projections fused into one matmul."""
 
-    def __init__(self, n: int, dim: int, hidden: int):
+    def __init__(self, n: int, dim: int, hidden: int, limit: float = 0.0):
         super().__init__()
-        self.hidden = hidden
+        self.hidden, self.limit = hidden, limit
         self.w13 = nn.Parameter(torch.empty(n, dim, 2 * hidden).uniform_(-dim**-0.5, dim**-0.5))
         self.w2 = nn.Parameter(torch.empty(n, hidden, dim).uniform_(-hidden**-0.5, hidden**-0.5))
 
@@ -108,7 +109,7 @@ class SwiGLUExperts(nn.Module):
         """The same experts as separate SwiGLU modules (copies): the unfused form of the seed's loop."""
         modules = nn.ModuleList()
         for w13, w2 in zip(self.w13, self.w2):
-            expert = SwiGLU(w13.shape[0], self.hidden).to(w13)
+            expert = SwiGLU(w13.shape[0], self.hidden, limit=self.limit).to(w13)
             expert.w1.weight.copy_(w13[:, :self.hidden].T)
             expert.w3.weight.copy_(w13[:, self.hidden:].T)
             expert.w2.weight.copy_(w2.T)
@@ -117,7 +118,7 @@ class SwiGLUExperts(nn.Module):
 
     def _gated(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.split(self.hidden, dim=-1)
-        return F.silu(gate) * up
+        return swiglu(gate, up, self.limit)
 
 
 # --------------------------------------------------------------------------- routers
@@ -330,8 +331,8 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = Router(cfg)
-        self.experts = SwiGLUExperts(cfg.n_experts, cfg.dim, cfg.expert_hidden)
-        self.shared = SwiGLU(cfg.dim, cfg.n_shared * cfg.expert_hidden) if cfg.n_shared else None
+        self.experts = SwiGLUExperts(cfg.n_experts, cfg.dim, cfg.expert_hidden, cfg.swiglu_limit)
+        self.shared = SwiGLU(cfg.dim, cfg.n_shared * cfg.expert_hidden, limit=cfg.swiglu_limit) if cfg.n_shared else None
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.last_routing: RoutingRecord | None = None
 
