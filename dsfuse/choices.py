@@ -30,6 +30,7 @@ SpeakerBy = Literal["name", "file", "all"]
 McpTransport = Literal["stdio", "http"]
 Precision = Literal["fp32", "bf16", "fp16"]
 TrainLogger = Literal["none", "tensorboard"]
+ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]  # auto: the checkpoint's own dtype
 
 
 def values(choice: object) -> tuple[str, ...]:

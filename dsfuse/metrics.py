@@ -108,3 +108,20 @@ def routing_stats(record: RoutingRecord) -> dict[str, Any]:
         "z_loss": float(record.losses["z"]),
         "top_pairs": frequent_pairs(record.expert_ids, n_experts),
     }
+
+
+def routing_divergence(load_a: torch.Tensor, load_b: torch.Tensor, top: int = 5) -> dict[str, Any]:
+    """How differently two texts use one layer's experts: the Jensen-Shannon divergence (bits, 0 = the
+    same shares, 1 = disjoint experts) of their expert-load shares, and the experts each prefers most."""
+    share_a = load_a.double() / load_a.sum().clamp_min(1)
+    share_b = load_b.double() / load_b.sum().clamp_min(1)
+    middle = (share_a + share_b) / 2
+
+    def kl(p: torch.Tensor) -> torch.Tensor:
+        return (p * (p.clamp_min(1e-30) / middle.clamp_min(1e-30)).log2()).sum()
+
+    difference = share_a - share_b
+    return {"divergence": float((kl(share_a) + kl(share_b)) / 2),
+            "share_difference": [round(float(d), 6) for d in difference],
+            "prefers_a": [int(e) for e in difference.argsort(descending=True)[:top] if difference[e] > 0],
+            "prefers_b": [int(e) for e in difference.argsort()[:top] if difference[e] < 0]}

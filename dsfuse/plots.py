@@ -97,6 +97,28 @@ def plot_load_heatmap(rows: Sequence[Mapping[str, Any]], path: str | Path, title
     return save_figure(fig, path)
 
 
+def plot_route_compare(rows: Sequence[Mapping[str, Any]], path: str | Path, name_a: str, name_b: str) -> Path:
+    """Two texts through one model: the Jensen-Shannon divergence of each layer's expert shares (left),
+    and share(A) - share(B) per layer and expert (right: red experts prefer A, blue prefer B)."""
+    import numpy as np
+
+    matrix = np.array([r["share_difference"] for r in rows])
+    fig, (bars, heat) = subplots(1, 2, figsize=(min(6 + 0.18 * matrix.shape[1], 18), 1.6 + 0.45 * len(rows)),
+                                 gridspec_kw={"width_ratios": [1, 3]})
+    names = [r["layer"] for r in rows]
+    bars.barh(range(len(rows)), [r["divergence"] for r in rows], color="tab:purple")
+    bars.set_yticks(range(len(rows)), names)
+    bars.invert_yaxis()
+    bars.set_xlabel("JS divergence (bits)")
+    limit = max(float(np.abs(matrix).max()), 1e-9)
+    image = heat.imshow(matrix, aspect="auto", cmap="coolwarm", vmin=-limit, vmax=limit)
+    heat.set_yticks([])
+    heat.set_xlabel("expert")
+    fig.colorbar(image, ax=heat, label="share A - share B")
+    fig.suptitle(f"expert preference: A = {name_a}, B = {name_b}")
+    return save_figure(fig, path)
+
+
 def plot_balancing(results: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
     """MaxVio of each training batch against the step, one line per balancing method (its `history`)."""
     fig, ax = subplots(figsize=(6.5, 3.6))

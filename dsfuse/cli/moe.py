@@ -1,5 +1,5 @@
-"""`dsfuse moe-inspect`: route tokens through a fresh MoE layer or every MoE layer of a checkpoint and
-show how the load spreads."""
+"""`dsfuse moe-inspect`: route tokens through a fresh MoE layer, every MoE layer of a checkpoint, or a
+real model (a Hugging Face folder or Hub id) on real text, and show how the load spreads."""
 
 from __future__ import annotations
 
@@ -8,13 +8,27 @@ from typing import Annotated, Any
 
 import typer
 
-from dsfuse.choices import Router
+from dsfuse.choices import ComputeDtype, Router
 from dsfuse.cli.common import DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt, command
+from dsfuse.errors import UsageError
 from dsfuse.report import console, emit_json, print_table
 
 
 @command
 def moe_inspect(
+    model: Annotated[str | None, typer.Argument(
+        help="A Hugging Face model folder or Hub id (owner/name) with MoE layers, routed on --text.")] = None,
+    text: Annotated[str | None, typer.Option(
+        "--text", "-t", help="With MODEL: a UTF-8 text file, - for stdin, or the text itself.")] = None,
+    compare: Annotated[tuple[str, str] | None, typer.Option(
+        "--compare", help="With MODEL: two texts (files, or the texts): which experts each prefers, per layer.")
+    ] = None,
+    routes_out: Annotated[Path | None, typer.Option(
+        "--routes-out", help="With MODEL: JSON Lines, one record per token and layer (experts, weights).")] = None,
+    dtype: Annotated[ComputeDtype, typer.Option(
+        "--dtype", help="With MODEL: the compute dtype (auto: the checkpoint's).")] = "auto",
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="With MODEL: route at most this many tokens "
+                                                                 "of a text.", min=1)] = 4096,
     checkpoint: Annotated[Path | None, typer.Option(
         "--checkpoint", "-c", help="A checkpoint with MoE layers (model.safetensors or run dir); none: a fresh "
                                    "layer.")] = None,
@@ -44,9 +58,18 @@ def moe_inspect(
     """Show how MoE routing spreads tokens over experts: load, imbalance, drops, entropy, losses, pairs.
 
     Example: dsfuse moe-inspect --experts 64 --top-k 6 --router aux-free --plot load.png
+    Example: dsfuse moe-inspect deepseek-ai/DeepSeek-V2-Lite --text essay.txt --plot load.png
     """
     from dsfuse.device import seed_everything, select_device
     from dsfuse.tasks import moe
+
+    if model is not None:
+        inspect_model(model, text, compare, routes_out, dtype, max_tokens, plot, json, quiet, force,
+                      given=[flag for flag, value in (("--checkpoint", checkpoint), ("--input", input)) if value])
+        return
+    for flag, value in (("--text", text), ("--compare", compare), ("--routes-out", routes_out)):
+        if value is not None:
+            raise UsageError(f"{flag} needs a MODEL (a Hugging Face folder or Hub id)", flag)
 
     options = moe.LayerOptions(experts=experts, top_k=top_k, shared=shared, router=router,
                                capacity_factor=capacity_factor, dropless=dropless, dim=dim, hidden=hidden)
@@ -64,12 +87,57 @@ def moe_inspect(
         console.print(f"load heatmap: {plot}")
 
 
+def inspect_model(model: str, text: str | None, compare: tuple[str, str] | None, routes_out: Path | None,
+                  dtype: ComputeDtype, max_tokens: int, plot: Path | None, json: bool, quiet: bool, force: bool,
+                  given: list[str]) -> None:
+    """moe-inspect MODEL: route real text through a real model and print the per-layer table."""
+    from dsfuse.tasks.model_routing import inspect_model as inspect
+
+    if given:
+        raise UsageError(f"{given[0]} does not go with a MODEL", given[0])
+    if (text is None) == (compare is None):
+        raise UsageError("give MODEL one --text, or two texts with --compare", "--text")
+    result = inspect(model, text or "", compare=compare, dtype=dtype, max_tokens=max_tokens, plot=plot,
+                     routes_out=routes_out, force=force, quiet=quiet)
+    if json:
+        emit_json(result)
+        return
+    print_table(f"moe-inspect: {result['architecture']} {model}, {result['text']}, {result['tokens']} tokens",
+                ["layer", "max/mean", "MaxVio", "entropy", "busiest", "frequent pairs"],
+                [model_layer_row(r) for r in result["layers"]])
+    console.print(f"MaxVio over layers: mean {result['maxvio_mean']:.3f}, max {result['maxvio_max']:.3f}")
+    if compare is not None:
+        c = result["compare"]
+        print_table(f"expert preference: A = {result['text']} ({result['tokens']} tokens), "
+                    f"B = {c['text_b']} ({c['tokens_b']} tokens)",
+                    ["layer", "JS divergence (bits)", "experts preferring A", "experts preferring B"],
+                    [(r["layer"], f"{r['divergence']:.3f}", " ".join(map(str, r["prefers_a"])),
+                      " ".join(map(str, r["prefers_b"]))) for r in c["layers"]])
+    for key, what in (("plot", "plot"), ("routes", "routes")):
+        if key in result:
+            console.print(f"{what}: {result[key]}")
+
+
 def layer_row(r: dict[str, Any], top: int = 3) -> tuple:
-    busiest = sorted(range(r["experts"]), key=lambda e: -r["load"][e])[:top]
-    pairs = " ".join(f"{a}+{b}:{p['count']}" for p in r["top_pairs"][:top] for a, b in [p["experts"]])
     return (r["layer"], r["max_over_mean"], r["maxvio"], f"{r['dropped_assignments']} ({r['dropped_tokens']})",
-            f"{r['routing_entropy']:.2f}/{r['routing_entropy_max']:.2f}", r["balance_loss"], r["z_loss"],
-            " ".join(f"{e}:{r['load'][e]}" for e in busiest), pairs)
+            _entropy(r), r["balance_loss"], r["z_loss"], _busiest(r, top), _pairs(r, top))
+
+
+def model_layer_row(r: dict[str, Any], top: int = 3) -> tuple:
+    """A released model's layer: dropless, and trained, so its training losses say little."""
+    return r["layer"], r["max_over_mean"], r["maxvio"], _entropy(r), _busiest(r, top), _pairs(r, top)
+
+
+def _entropy(r: dict[str, Any]) -> str:
+    return f"{r['routing_entropy']:.2f}/{r['routing_entropy_max']:.2f}"
+
+
+def _busiest(r: dict[str, Any], top: int) -> str:
+    return " ".join(f"{e}:{r['load'][e]}" for e in sorted(range(r["experts"]), key=lambda e: -r["load"][e])[:top])
+
+
+def _pairs(r: dict[str, Any], top: int) -> str:
+    return " ".join(f"{a}+{b}:{p['count']}" for p in r["top_pairs"][:top] for a, b in [p["experts"]])
 
 
 def register(app: typer.Typer) -> None:

@@ -1,5 +1,6 @@
-"""Attention on F.scaled_dot_product_attention: MHA, GQA, MQA and DeepSeek-V2's MLA, with RoPE,
-causal and padding masks, a KV cache for step-by-step decoding, and cross-attention.
+"""Attention on F.scaled_dot_product_attention: MHA, GQA, MQA and DeepSeek-V2's MLA, with RoPE (plain,
+YaRN or Llama-3 scaled), optional q/k RMSNorm and qkv bias, causal and padding masks, a KV cache for
+step-by-step decoding, and cross-attention.
 
 Every self-attention module has the same call:
     forward(x [B, T, D], mask: bool [B, T] (True = real token) | None, causal=False, cache=None) -> [B, T, D]
@@ -17,6 +18,68 @@ from einops import rearrange, repeat
 from torch import nn
 
 ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
+QK_NORMS = ("none", "head", "all")
+
+
+@dataclass
+class RopeScaling:
+    """Context-extension scaling of RoPE frequencies, as in Hugging Face configs' `rope_scaling`.
+
+    yarn (DeepSeek-V2/V3): frequencies blended between interpolated and original along a ramp, and
+    cos/sin scaled by mscale; MLA also scales its softmax by mscale(factor, mscale_all_dim)^2.
+    llama3: long wavelengths divided by `factor`, short ones kept, a smooth blend between.
+    linear: every frequency divided by `factor`.
+    """
+
+    kind: str  # yarn | llama3 | linear
+    factor: float
+    original_max_position: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("yarn", "llama3", "linear"):
+            raise ValueError(f"rope scaling must be yarn, llama3 or linear, got {self.kind!r}")
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature: 0.1 * mscale * ln(factor) + 1 (1 without extension)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None
+                     ) -> tuple[torch.Tensor, float]:
+    """The inverse frequencies [head_dim / 2] and the factor cos/sin are multiplied by."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if scaling is None:
+        return inv_freq, 1.0
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor, 1.0
+    if scaling.kind == "llama3":
+        wavelength = 2 * math.pi / inv_freq
+        low_wave = scaling.original_max_position / scaling.low_freq_factor
+        high_wave = scaling.original_max_position / scaling.high_freq_factor
+        smooth = ((scaling.original_max_position / wavelength - scaling.low_freq_factor)
+                  / (scaling.high_freq_factor - scaling.low_freq_factor))
+        blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+        scaled = torch.where(wavelength > low_wave, inv_freq / scaling.factor, inv_freq)
+        middle = (wavelength <= low_wave) & (wavelength >= high_wave)
+        return torch.where(middle, blended, scaled), 1.0
+
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(scaling.original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(scaling.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(scaling.beta_slow)), head_dim - 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
+    inv_freq = inv_freq / scaling.factor * ramp + inv_freq * (1 - ramp)
+    attention_factor = (yarn_mscale(scaling.factor, scaling.mscale) / yarn_mscale(scaling.factor, scaling.mscale_all_dim)
+                        if scaling.mscale and scaling.mscale_all_dim else yarn_mscale(scaling.factor))
+    return inv_freq, attention_factor
 
 
 @dataclass
@@ -28,8 +91,12 @@ class AttentionConfig:
     head_dim: int | None = None  # default dim // n_heads (mha/gqa/mqa)
     rope: bool = True
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
     dropout: float = 0.0
     bias: bool = False
+    qkv_bias: bool = False  # bias on the q/k/v projections only (Qwen2)
+    qk_norm: str = "none"  # RMSNorm on queries and keys before RoPE: per head (Qwen3) or all heads (OLMoE)
+    norm_eps: float = 1e-6  # the q/k norms' and MLA's latent norms' epsilon
     # MLA (DeepSeek-V2 section 2.1); q_lora_rank 0 projects queries directly.
     q_lora_rank: int = 0
     kv_lora_rank: int = 64
@@ -46,6 +113,8 @@ class AttentionConfig:
             raise ValueError(f"n_kv_heads {self.kv_heads} must divide n_heads {self.n_heads}")
         if self.kind == "mla" and self.rope and self.qk_rope_head_dim % 2:
             raise ValueError("qk_rope_head_dim must be even for RoPE")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm must be one of {', '.join(QK_NORMS)}, got {self.qk_norm!r}")
 
     @property
     def kv_heads(self) -> int:
@@ -76,14 +145,14 @@ def kv_cache_bytes_per_token(cfg: AttentionConfig, dtype_bytes: int = 2, n_layer
 # --------------------------------------------------------------------------- RoPE
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (Su et al.), rotate-half layout as in Llama; applied to q and k."""
+    """Rotary position embedding (Su et al.), rotate-half layout as in Llama; applied to q and k.
+    The frequencies are computed with the tables, so a module built on the meta device works once moved."""
 
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: RopeScaling | None = None):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dimension, got {head_dim}")
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [positions, Dh]
 
     def _cos_sin(self, end: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,9 +161,10 @@ class RotaryEmbedding(nn.Module):
         tables = self._tables
         if tables is None or tables[0].shape[0] < end or tables[0].device != device or tables[0].dtype != dtype:
             size = max(end, 2 * tables[0].shape[0] if tables is not None else 256)
-            angles = torch.outer(torch.arange(size, device=device, dtype=torch.float32), self.inv_freq.to(device))
+            inv_freq, factor = rope_frequencies(self.head_dim, self.theta, self.scaling)
+            angles = torch.outer(torch.arange(size, device=device, dtype=torch.float32), inv_freq.to(device))
             angles = torch.cat([angles, angles], -1)
-            tables = self._tables = (angles.cos().to(dtype), angles.sin().to(dtype))
+            tables = self._tables = ((angles.cos() * factor).to(dtype), (angles.sin() * factor).to(dtype))
         return tables
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -177,16 +247,26 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.qk_head_dim
-        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=cfg.bias)
-        self.wk = nn.Linear(cfg.dim, self.kv_heads * self.head_dim, bias=cfg.bias)
-        self.wv = nn.Linear(cfg.dim, self.kv_heads * self.head_dim, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(cfg.dim, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(cfg.dim, self.kv_heads * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=cfg.bias)
-        self.rope = RotaryEmbedding(self.head_dim, cfg.rope_theta) if cfg.rope else None
+        if cfg.qk_norm != "none":
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = nn.RMSNorm(self.head_dim if per_head else self.n_heads * self.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim if per_head else self.kv_heads * self.head_dim, eps=cfg.norm_eps)
+        self.rope = RotaryEmbedding(self.head_dim, cfg.rope_theta, cfg.rope_scaling) if cfg.rope else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
                 cache: KVCache | None = None) -> torch.Tensor:
-        q = rearrange(self.wq(x), "b t (h d) -> b h t d", h=self.n_heads)
-        k = rearrange(self.wk(x), "b t (h d) -> b h t d", h=self.kv_heads)
+        q, k = self.wq(x), self.wk(x)
+        if self.cfg.qk_norm == "all":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rearrange(q, "b t (h d) -> b h t d", h=self.n_heads)
+        k = rearrange(k, "b t (h d) -> b h t d", h=self.kv_heads)
+        if self.cfg.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         v = rearrange(self.wv(x), "b t (h d) -> b h t d", h=self.kv_heads)
         offset = cache.length if cache is not None else 0
         if self.rope is not None:
@@ -212,16 +292,19 @@ class MLA(nn.Module):
         h, nope, rope_dim, v_dim = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         if cfg.q_lora_rank:
             self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
-            self.q_norm = nn.RMSNorm(cfg.q_lora_rank)
+            self.q_norm = nn.RMSNorm(cfg.q_lora_rank, eps=cfg.norm_eps)
             self.wq_b = nn.Linear(cfg.q_lora_rank, h * (nope + rope_dim), bias=False)
         else:
             self.wq = nn.Linear(cfg.dim, h * (nope + rope_dim), bias=False)
         self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + rope_dim, bias=False)
-        self.kv_norm = nn.RMSNorm(cfg.kv_lora_rank)
+        self.kv_norm = nn.RMSNorm(cfg.kv_lora_rank, eps=cfg.norm_eps)
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, h * (nope + v_dim), bias=False)
         self.wo = nn.Linear(h * v_dim, cfg.dim, bias=False)
-        self.rope = RotaryEmbedding(rope_dim, cfg.rope_theta) if cfg.rope else None
+        self.rope = RotaryEmbedding(rope_dim, cfg.rope_theta, cfg.rope_scaling) if cfg.rope else None
         self.scale = 1.0 / math.sqrt(nope + rope_dim)
+        scaling = cfg.rope_scaling
+        if scaling is not None and scaling.kind == "yarn" and scaling.mscale_all_dim:
+            self.scale *= yarn_mscale(scaling.factor, scaling.mscale_all_dim) ** 2
 
     def _queries(self, x: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.wq_b(self.q_norm(self.wq_a(x))) if self.cfg.q_lora_rank else self.wq(x)

@@ -13,8 +13,12 @@ Routers: "topk" (softmax, DeepSeek-V2/Switch), "noisy" (Shazeer et al. 2017: tun
 the logits while training), "aux-free" (DeepSeek-V3: sigmoid affinities, top-k chosen on affinity +
 a per-expert bias that is nudged after every training forward towards equal loads; no gradient), "hash"
 (DeepSeek-V4's first layers: a fixed token-id -> experts table `tid2eid` picks, the learned affinities
-weigh; the layer then needs `token_ids`). `affinity` (sigmoid or V4's sqrt-softplus) and `route_scale`
-shape the aux-free and hash routers' weights.
+weigh; the layer then needs `token_ids`). `affinity` (sigmoid or V4's sqrt-softplus) is the aux-free and
+hash routers' score.
+The options of released checkpoints: `norm_topk` (renormalise the k chosen weights), `route_scale`
+(DeepSeek's routed_scaling_factor), group-limited selection (`n_groups`/`topk_groups`: only experts of
+the best groups compete; a group scores by its best expert, or for "aux-free" by its two best biased
+affinities as in DeepSeek-V3), a shared expert of its own width and Qwen2-MoE's sigmoid gate on it.
 Dispatch sorts assignments by expert once; "sorted" (the default) then runs each expert on its
 contiguous slice and adds the gated output straight back, "padded" runs all experts as one batched
 matmul over a buffer padded to the busiest expert's load, "grouped" uses torch's grouped matmul.
@@ -52,8 +56,13 @@ class MoEConfig:
     z_weight: float = 0.001  # router z-loss
     bias_update_rate: float = 0.001  # aux-free: how far each forward nudges the expert biases
     dispatch: str = "sorted"  # sorted | padded | grouped
+    norm_topk: bool | None = None  # renormalise the chosen weights; None: the router's way (only aux-free does)
+    route_scale: float = 1.0  # multiplies the routed experts' weights
+    n_groups: int = 1  # experts fall into n_groups equal groups ...
+    topk_groups: int = 1  # ... and a token chooses among the topk_groups best groups only
+    shared_hidden: int | None = None  # the shared expert's width; None: n_shared * expert_hidden
+    shared_gate: bool = False  # a sigmoid gate (Linear dim -> 1) on the shared expert's output
     affinity: choices.Affinity = "sigmoid"  # aux-free and hash: the score each expert's weight comes from
-    route_scale: float = 1.0  # aux-free and hash: multiplies the normalised weights (V4's routed_scaling_factor)
     vocab_size: int = 0  # hash: the token ids the table covers
     swiglu_limit: float = 0.0  # clip the experts' gate and up projections (DeepSeek-V4); 0: off
 
@@ -72,6 +81,13 @@ class MoEConfig:
             raise ValueError(f"capacity_factor must be positive (or 0 for dropless), got {self.capacity_factor}")
         if self.n_shared < 0 or self.expert_hidden < 1:
             raise ValueError("n_shared must be >= 0 and expert_hidden >= 1")
+        if self.n_groups < 1 or self.n_experts % self.n_groups or not 1 <= self.topk_groups <= self.n_groups:
+            raise ValueError(f"n_groups {self.n_groups} must divide n_experts {self.n_experts} "
+                             f"and topk_groups {self.topk_groups} be between 1 and n_groups")
+
+    @property
+    def shared_width(self) -> int:
+        return self.shared_hidden if self.shared_hidden is not None else self.n_shared * self.expert_hidden
 
     def capacity(self, n_tokens: int) -> int | None:
         """Assignments each expert may take for `n_tokens` tokens; None when dropless."""
@@ -149,6 +165,8 @@ class Router(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.kind, self.top_k = cfg.router, cfg.top_k
+        self.n_groups, self.topk_groups, self.route_scale = cfg.n_groups, cfg.topk_groups, cfg.route_scale
+        self.norm_topk = cfg.norm_topk if cfg.norm_topk is not None else cfg.router != "topk"
         self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
         if self.kind == "noisy":
             self.noise = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
@@ -157,10 +175,10 @@ class Router(nn.Module):
             self.register_buffer("bias", torch.zeros(cfg.n_experts))
         if self.kind == "hash":
             self.register_buffer("tid2eid", hash_table(cfg.vocab_size, cfg.n_experts, cfg.top_k))
-        self.affinity, self.route_scale = AFFINITIES[cfg.affinity], cfg.route_scale
+        self.affinity = AFFINITIES[cfg.affinity]
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> Routing:
-        logits = self.gate(x).float()
+        logits = F.linear(x.float(), self.gate.weight.float())
         if self.kind in ("aux-free", "hash"):
             affinity = self.affinity(logits)
             if self.kind == "hash":
@@ -168,19 +186,32 @@ class Router(nn.Module):
                     raise ValueError("the hash router routes by token id: pass token_ids")
                 ids = self.tid2eid[token_ids.reshape(-1)]
             else:
-                _, ids = (affinity + self.bias).topk(self.top_k, dim=-1, sorted=False)  # the bias picks, never weighs
-            chosen = affinity.gather(-1, ids)
-            weights = self.route_scale * chosen / chosen.sum(-1, keepdim=True)
+                ids = self._choose(affinity + self.bias)  # the bias picks, never weighs
             probs = affinity / affinity.sum(-1, keepdim=True)
-            return Routing(logits, probs, ids, weights.to(x.dtype), torch.logsumexp(logits, dim=-1))
+            return Routing(logits, probs, ids, self._weigh(affinity.gather(-1, ids), x.dtype),
+                           torch.logsumexp(logits, dim=-1))
         if self.kind == "noisy" and self.training:
             logits = logits + torch.randn_like(logits) * F.softplus(self.noise(x).float())
         log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # kept: the z-loss needs it too
         probs = torch.exp(logits - log_norm)
-        top, ids = probs.topk(self.top_k, dim=-1, sorted=False)
-        if self.kind == "noisy":  # softmax over the kept logits only
-            top = top / top.sum(-1, keepdim=True)
-        return Routing(logits, probs, ids, top.to(x.dtype), log_norm[:, 0])
+        ids = self._choose(probs)
+        return Routing(logits, probs, ids, self._weigh(probs.gather(-1, ids), x.dtype), log_norm[:, 0])
+
+    def _choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """The k best experts [N, k] by `scores` [N, E], among the topk_groups best groups when grouped."""
+        if self.n_groups > 1:
+            grouped = scores.view(scores.shape[0], self.n_groups, -1)
+            group_score = grouped.topk(2, dim=-1)[0].sum(-1) if self.kind == "aux-free" else grouped.amax(-1)
+            best = group_score.topk(self.topk_groups, dim=-1, sorted=False)[1]
+            allowed = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best, True)
+            scores = grouped.masked_fill(~allowed[..., None], float("-inf")).view_as(scores)
+        return scores.topk(self.top_k, dim=-1, sorted=False)[1]
+
+    def _weigh(self, chosen: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The gate values of the chosen experts' scores [N, k]: renormalised when asked, then scaled."""
+        if self.norm_topk:
+            chosen = chosen / (chosen.sum(-1, keepdim=True) + 1e-20)
+        return (chosen * self.route_scale).to(dtype)
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor, rate: float) -> None:
@@ -320,6 +351,7 @@ class RoutingRecord:
     demand: torch.Tensor  # [E] assignments routed to each expert before the capacity cut
     probs: torch.Tensor  # [N, E]
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted balance, seq_balance, z
+    weights: torch.Tensor | None = None  # [N, k] the gate value of each chosen expert
 
 
 # --------------------------------------------------------------------------- the layer
@@ -332,7 +364,8 @@ class MoE(nn.Module):
         self.cfg = cfg
         self.router = Router(cfg)
         self.experts = SwiGLUExperts(cfg.n_experts, cfg.dim, cfg.expert_hidden, cfg.swiglu_limit)
-        self.shared = SwiGLU(cfg.dim, cfg.n_shared * cfg.expert_hidden, limit=cfg.swiglu_limit) if cfg.n_shared else None
+        self.shared = SwiGLU(cfg.dim, cfg.shared_width, limit=cfg.swiglu_limit) if cfg.shared_width else None
+        self.shared_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_gate and self.shared is not None else None
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.last_routing: RoutingRecord | None = None
 
@@ -343,7 +376,8 @@ class MoE(nn.Module):
         plan = plan_dispatch(routing.expert_ids, self.cfg.n_experts, self.cfg.capacity(tokens.shape[0]))
         y = DISPATCH[self.cfg.dispatch](tokens, routing.weights, plan, self.experts)
         if self.shared is not None:
-            y = y + self.shared(tokens)
+            shared = self.shared(tokens)
+            y = y + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(tokens)) * shared)
         self._account(routing, plan, n_seqs=tokens.shape[0] // shape[-2] if len(shape) > 2 else 1)
         return y.view(shape)
 
@@ -358,7 +392,8 @@ class MoE(nn.Module):
         kept = plan.kept.view_as(routing.expert_ids) if plan.kept is not None else None
         self.last_routing = RoutingRecord(routing.expert_ids.detach(), kept, plan.load.detach(),
                                           plan.demand.detach(), routing.probs.detach(),
-                                          {name: loss.detach() for name, loss in raw.items()})
+                                          {name: loss.detach() for name, loss in raw.items()},
+                                          routing.weights.detach())
         if cfg.router == "aux-free" and self.training:
             self.router.update_bias(plan.load, cfg.bias_update_rate)
 

@@ -1,0 +1,139 @@
+"""Routing of a real MoE model on real text: which experts each token of each layer goes to, how
+unbalanced each layer is, and how two texts differ in the experts they prefer.
+
+The model (a Hugging Face folder or Hub id) is streamed: its shards are memory-mapped and one decoder
+layer's weights are resident at a time, so a model larger than memory can still be inspected.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsfuse.choices import ComputeDtype
+from dsfuse.errors import UsageError
+from dsfuse.hub import model_folder
+from dsfuse.io import atomic_path, check_writable
+from dsfuse.metrics import routing_divergence, routing_stats
+from dsfuse.models.hf import ModelFolder, load_module, skeleton, streamed_layers
+from dsfuse.nn.moe import MoE, RoutingRecord
+from dsfuse.plots import plot_load_heatmap, plot_route_compare
+from dsfuse.report import warn
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TextRoutes:
+    """One text through the model: its tokens (as they read in the text) and each MoE layer's routing."""
+
+    source: str
+    tokens: list[str]
+    layers: list[tuple[str, RoutingRecord]]
+
+
+def read_text(arg: str) -> tuple[str, str]:
+    """(text, where it came from) for `--text`: `-` reads stdin, an existing file is read as UTF-8,
+    anything else is the text itself. Empty or undecodable text is a usage error."""
+    if arg == "-":
+        data, source = sys.stdin.buffer.read(), "stdin"
+    elif Path(arg).is_file():
+        data, source = Path(arg).read_bytes(), arg
+    elif " " not in arg and Path(arg).suffix in (".txt", ".md", ".py", ".json", ".jsonl", ".csv", ".html"):
+        raise UsageError("no such text file", arg)
+    else:
+        data, source = arg.encode(), "the given text"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError("the text is not UTF-8", source) from None
+    if not text.strip():
+        raise UsageError("the text is empty", source)
+    return text, source
+
+
+def route_text(folder: ModelFolder, tokenizer: Any, text: str, source: str, dtype: torch.dtype | None,
+               max_tokens: int, quiet: bool = False) -> TextRoutes:
+    """Tokenize `text` and send it through the model layer by layer (streamed), keeping each MoE
+    layer's routing record."""
+    encoding = tokenizer.encode(text)
+    ids = encoding.ids
+    if len(ids) > max_tokens:
+        warn(f"{source}: {len(ids)} tokens, routing the first {max_tokens} (--max-tokens)", quiet)
+        ids = ids[:max_tokens]
+    if max(ids) >= folder.config.vocab_size:
+        raise UsageError(f"the tokenizer gives id {max(ids)}, beyond the model's vocabulary of "
+                         f"{folder.config.vocab_size}", folder.path / "tokenizer.json")
+    tokens = [text[a:b] if b > a else encoding.tokens[i] for i, (a, b) in enumerate(encoding.offsets[:len(ids)])]
+    model = skeleton(folder)
+    load_module(folder, model.embed, "embed.", dtype)
+    with torch.inference_mode():
+        x = model.embed(torch.tensor([ids]))
+        model.embed.to("meta")
+        layers = []
+        for i, layer in enumerate(streamed_layers(folder, model, dtype)):
+            x = layer(x.to(layer.attn_norm.weight.dtype), causal=True)
+            if isinstance(layer.ffn, MoE):
+                layers.append((f"layer {i}", layer.ffn.last_routing))
+    if not layers:
+        raise UsageError(f"the model ({folder.arch.name}) has no MoE layer", folder.path)
+    return TextRoutes(source, tokens, layers)
+
+
+def layer_rows(routes: TextRoutes) -> list[dict[str, Any]]:
+    return [{"layer": name, **routing_stats(record)} for name, record in routes.layers]
+
+
+def write_routes(all_routes: list[TextRoutes], path: Path) -> Path:
+    """JSON Lines: one record per text, token and MoE layer (text, token index and text, layer, the
+    experts by falling weight, their weights)."""
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as out:
+        for routes in all_routes:
+            for name, record in routes.layers:
+                weights = record.weights.float()
+                order = weights.argsort(dim=-1, descending=True)
+                experts, weights = record.expert_ids.gather(-1, order), weights.gather(-1, order)
+                for i, token in enumerate(routes.tokens):
+                    out.write(json.dumps({"text": routes.source, "token_index": i, "token": token, "layer": name,
+                                          "experts": experts[i].tolist(),
+                                          "weights": [round(w, 6) for w in weights[i].tolist()]}) + "\n")
+    return path
+
+
+def inspect_model(model: str, text: str, *, compare: tuple[str, str] | None = None, dtype: ComputeDtype = "auto",
+                  max_tokens: int = 4096, plot: Path | None = None, routes_out: Path | None = None,
+                  force: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Route `text` (or both texts of `compare`) through `model`: per-layer statistics and, asked for,
+    a heatmap (or the comparison plot) and the routes file. Every output is checked before any work."""
+    for path in (plot, routes_out):
+        if path is not None:
+            check_writable(path, force)
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise UsageError("the plot is a PNG: give a path ending in .png", plot)
+    texts = [read_text(t) for t in (compare or (text,))]
+    folder = ModelFolder(model_folder(model, quiet=quiet))
+    tokenizer = folder.tokenizer()
+    routes = [route_text(folder, tokenizer, t, source, DTYPES[dtype], max_tokens, quiet) for t, source in texts]
+    first = routes[0]
+    rows = layer_rows(first)
+    maxvio = [r["maxvio"] for r in rows]
+    result: dict[str, Any] = {"model": model, "architecture": folder.arch.name, "text": first.source,
+                              "tokens": len(first.tokens), "maxvio_mean": sum(maxvio) / len(maxvio),
+                              "maxvio_max": max(maxvio), "layers": rows}
+    if compare is not None:
+        second = routes[1]
+        result["compare"] = {"text_b": second.source, "tokens_b": len(second.tokens),
+                             "layers": [{"layer": name, **routing_divergence(a.load, b.load)}
+                                        for (name, a), (_, b) in zip(first.layers, second.layers)]}
+        if plot is not None:
+            result["plot"] = str(plot_route_compare(result["compare"]["layers"], plot, first.source, second.source))
+    elif plot is not None:
+        result["plot"] = str(plot_load_heatmap(rows, plot, f"expert load, {model} on {first.source}"))
+    if routes_out is not None:
+        result["routes"] = str(write_routes(routes, routes_out))
+    return result
