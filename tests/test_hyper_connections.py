@@ -8,7 +8,7 @@ import torch
 from v4_reference import randomize, ref, tiny_config
 
 from dsfuse.nn.attention import AttentionConfig
-from dsfuse.nn.hyper_connections import HyperConnection, HyperHead, expand_streams, sinkhorn
+from dsfuse.nn.hyper_connections import HyperConfig, HyperConnection, HyperHead, expand_streams, sinkhorn
 from dsfuse.nn.transformer import TransformerBlock
 
 
@@ -16,7 +16,7 @@ def test_hyper_connection_matches_transformers():
     config = tiny_config()
     theirs = ref.DeepseekV4HyperConnection(config)
     randomize(theirs, seed=3)
-    ours = HyperConnection(64, 4, config.hc_sinkhorn_iters, config.hc_eps, config.rms_norm_eps)
+    ours = HyperConnection(64, HyperConfig(4, config.hc_sinkhorn_iters, config.hc_eps), config.rms_norm_eps)
     ours.load_state_dict(theirs.state_dict())
     streams = torch.randn(2, 7, 4, 64)
     sublayer = torch.nn.Linear(64, 64)
@@ -30,7 +30,7 @@ def test_hyper_head_matches_transformers():
     config = tiny_config()
     theirs = ref.DeepseekV4HyperHead(config)
     randomize(theirs, seed=4)
-    ours = HyperHead(64, 4, config.hc_eps, config.rms_norm_eps)
+    ours = HyperHead(64, HyperConfig(4, eps=config.hc_eps), config.rms_norm_eps)
     ours.load_state_dict(theirs.state_dict())
     streams = torch.randn(2, 7, 4, 64)
     with torch.no_grad():
@@ -49,7 +49,7 @@ def test_sinkhorn_makes_doubly_stochastic_matrices():
 
 def test_transformer_block_takes_mhc_as_its_residual_path():
     torch.manual_seed(0)
-    block = TransformerBlock(32, AttentionConfig(dim=32, n_heads=4), hyper_streams=3).eval()
+    block = TransformerBlock(32, AttentionConfig(dim=32, n_heads=4), hyper=HyperConfig(streams=3)).eval()
     x = torch.randn(2, 5, 32)
     streams = expand_streams(x, 3)
     with torch.no_grad():

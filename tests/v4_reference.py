@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as ref  # noqa: E402
 from transformers.models.deepseek_v4.configuration_deepseek_v4 import DeepseekV4Config  # noqa: E402
 
+from dsfuse.nn.hyper_connections import HyperConfig  # noqa: E402
 from dsfuse.nn.moe import MoEConfig  # noqa: E402
 from dsfuse.nn.transformer import TransformerBlock  # noqa: E402
 from dsfuse.nn.v4_attention import V4AttentionConfig  # noqa: E402
@@ -74,7 +75,8 @@ def moe_config(config: DeepseekV4Config, layer: int) -> MoEConfig:
 def block(config: DeepseekV4Config, layer: int) -> TransformerBlock:
     """dsfuse's V4 decoder layer: V4 attention, the V4 MoE, mHC residuals."""
     return TransformerBlock(config.hidden_size, attention_config(config, layer, chunk=8), ffn="moe",
-                            moe=moe_config(config, layer), norm_eps=config.rms_norm_eps, hyper_streams=config.hc_mult)
+                            moe=moe_config(config, layer), norm_eps=config.rms_norm_eps,
+                            hyper=HyperConfig(config.hc_mult, config.hc_sinkhorn_iters, config.hc_eps))
 
 
 def block_state(reference_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -7,19 +7,31 @@ token, `pre` (weights collapsing the n streams into the sub-layer's input), `pos
 each stream receives) and `comb` (an n x n mixing of the streams, projected onto the doubly-stochastic
 matrices by Sinkhorn-Knopp):  streams' = post * sublayer(pre . streams) + comb^T streams.
 
-    hc = HyperConnection(dim=64, streams=4)
+    hc = HyperConnection(dim=64, cfg=HyperConfig(streams=4))
     streams = expand_streams(x, 4)                                # [B, T, D] -> [B, T, 4, D]
     streams = hc(streams, lambda h: attn(norm(h)))                # one residual sub-layer
-    y = HyperHead(64, 4)(streams)                                 # back to [B, T, D] at the end
+    y = HyperHead(64, HyperConfig(streams=4))(streams)                                 # back to [B, T, D] at the end
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass(frozen=True)
+class HyperConfig:
+    streams: int = 4  # n, V4's hc_mult
+    sinkhorn_iters: int = 20
+    eps: float = 1e-6  # the floor added to pre and comb, and to Sinkhorn's sums
+
+    def __post_init__(self) -> None:
+        if self.streams < 1 or self.sinkhorn_iters < 1:
+            raise ValueError("mHC needs at least one stream and one Sinkhorn iteration")
 
 
 def sinkhorn(logits: torch.Tensor, iterations: int, eps: float = 1e-6) -> torch.Tensor:
@@ -41,10 +53,10 @@ def expand_streams(x: torch.Tensor, streams: int) -> torch.Tensor:
 class HyperConnection(nn.Module):
     """One mHC residual around a sub-layer (see the module docstring)."""
 
-    def __init__(self, dim: int, streams: int = 4, sinkhorn_iters: int = 20, eps: float = 1e-6,
-                 norm_eps: float = 1e-6, init_std: float = 0.02):
+    def __init__(self, dim: int, cfg: HyperConfig = HyperConfig(), norm_eps: float = 1e-6, init_std: float = 0.02):
         super().__init__()
-        self.streams, self.sinkhorn_iters, self.eps, self.norm_eps = streams, sinkhorn_iters, eps, norm_eps
+        streams = cfg.streams
+        self.streams, self.sinkhorn_iters, self.eps, self.norm_eps = streams, cfg.sinkhorn_iters, cfg.eps, norm_eps
         self.fn = nn.Parameter(torch.randn((2 + streams) * streams, streams * dim) * init_std)
         self.base = nn.Parameter(torch.zeros((2 + streams) * streams))
         self.scale = nn.Parameter(torch.ones(3))  # pre, post, comb
@@ -72,10 +84,9 @@ class HyperConnection(nn.Module):
 class HyperHead(nn.Module):
     """The final collapse of the n streams into one [B, T, D], by learned per-token sigmoid weights."""
 
-    def __init__(self, dim: int, streams: int = 4, eps: float = 1e-6, norm_eps: float = 1e-6,
-                 init_std: float = 0.02):
+    def __init__(self, dim: int, cfg: HyperConfig = HyperConfig(), norm_eps: float = 1e-6, init_std: float = 0.02):
         super().__init__()
-        self.eps, self.norm_eps = eps, norm_eps
+        streams, self.eps, self.norm_eps = cfg.streams, cfg.eps, norm_eps
         self.hc_fn = nn.Parameter(torch.randn(streams, streams * dim) * init_std)
         self.hc_base = nn.Parameter(torch.zeros(streams))
         self.hc_scale = nn.Parameter(torch.ones(1))

@@ -13,13 +13,12 @@ class InterleavedRope(nn.Module):
         super().__init__()
         if rope_dim % 2 or rope_dim < 2:
             raise ValueError(f"the rotary dimension must be even and positive, got {rope_dim}")
-        self.rope_dim = rope_dim
-        inv_freq = 1.0 / theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rope_dim, self.theta = rope_dim, theta  # no buffer: a model built on the meta device still works
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """Rotate the last `rope_dim` channels of x [..., T, D]; `positions` [T] (or [B, 1.., T]) are absolute."""
-        angles = positions[..., None].float() * self.inv_freq.to(x.device)
+        inv_freq = 1.0 / self.theta ** (torch.arange(0, self.rope_dim, 2, device=x.device) / self.rope_dim)
+        angles = positions[..., None].float() * inv_freq.float()
         cos = angles.cos().repeat_interleave(2, dim=-1)
         sin = angles.sin().repeat_interleave(2, dim=-1)
         if inverse:

@@ -11,7 +11,7 @@ from torch import nn
 from dsfuse.nn.attention import AttentionConfig, CrossAttention, KVCache, build_attention
 from dsfuse.nn.checkpointing import Checkpointable
 from dsfuse.nn.ffn import SwiGLU
-from dsfuse.nn.hyper_connections import HyperConnection
+from dsfuse.nn.hyper_connections import HyperConfig, HyperConnection
 from dsfuse.nn.moe import MoE, MoEConfig
 from dsfuse.nn.v4_attention import V4Attention, V4AttentionConfig, V4Cache
 
@@ -22,11 +22,11 @@ class TransformerBlock(Checkpointable):
     checkpointing the block recomputes its activations in the backward pass; a MoE block recomputes its
     attention only (its router updates its balancing bias as it runs, which must happen once).
 
-    With `hyper_streams` n > 0 the residual path is mHC (nn/hyper_connections): x holds n streams
+    With a `hyper` config the residual path is mHC (nn/hyper_connections): x holds n streams
     [B, T, n, D] and each sub-layer sits in a HyperConnection instead of `x + f(x)` (no checkpointing)."""
 
     def __init__(self, dim: int, attention: AttentionConfig | V4AttentionConfig, ffn: str = "swiglu",
-                 ffn_hidden: int | None = None, moe: MoEConfig | None = None, norm_eps: float = 1e-6, hyper_streams: int = 0):
+                 ffn_hidden: int | None = None, moe: MoEConfig | None = None, norm_eps: float = 1e-6, hyper: HyperConfig | None = None):
         super().__init__()
         if attention.dim != dim:
             raise ValueError(f"attention config has dim {attention.dim}, the block has {dim}")
@@ -41,8 +41,8 @@ class TransformerBlock(Checkpointable):
             self.ffn = MoE(moe)
         else:
             raise ValueError(f"ffn must be 'swiglu' or 'moe', got {ffn!r}")
-        self.attn_hc = HyperConnection(dim, hyper_streams, norm_eps=norm_eps) if hyper_streams else None
-        self.ffn_hc = HyperConnection(dim, hyper_streams, norm_eps=norm_eps) if hyper_streams else None
+        self.attn_hc = HyperConnection(dim, hyper, norm_eps) if hyper is not None else None
+        self.ffn_hc = HyperConnection(dim, hyper, norm_eps) if hyper is not None else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
                 cache: KVCache | V4Cache | None = None, token_ids: torch.Tensor | None = None) -> torch.Tensor:

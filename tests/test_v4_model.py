@@ -1,0 +1,102 @@
+"""DeepSeek-V4 through the model-folder path: a tiny random DeepseekV4ForCausalLM saved by transformers (fp32,
+every attention type, hash and learned MoE layers) loads onto dsfuse's core and gives logits within 1e-4,
+the same indexer picks and experts, and the same 20 greedy tokens decoded with the cache; bad configs are
+one line each."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error, run_cli
+from hf_models import tiny_tokenizer
+from v4_reference import randomize_layer, ref, tiny_config
+
+from dsfuse.errors import UsageError
+from dsfuse.models.deepseek_v4 import V4CausalLM
+from dsfuse.models.hf import ModelFolder, load_model
+from dsfuse.models.llama import generate
+from dsfuse.nn.moe import moe_layers
+from dsfuse.nn.v4_attention import V4Attention
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("v4")
+    config = tiny_config(vocab_size=300, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    reference = ref.DeepseekV4ForCausalLM(config).eval()
+    randomize_layer(reference, config, seed=7)
+    reference.save_pretrained(folder)
+    tiny_tokenizer(folder)
+    return reference, load_model(ModelFolder(folder)), folder
+
+
+def _recorded(reference, tokens) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    picks, experts = [], []
+    hooks = [m.register_forward_hook(lambda mod, a, out: picks.append(out))
+             for m in reference.modules() if isinstance(m, ref.DeepseekV4Indexer)]
+    hooks += [m.register_forward_hook(lambda mod, a, out: experts.append(out[2]))
+              for m in reference.modules() if isinstance(m, (ref.DeepseekV4HashRouter, ref.DeepseekV4TopKRouter))]
+    with torch.no_grad():
+        logits = reference(input_ids=tokens).logits
+    for hook in hooks:
+        hook.remove()
+    return logits, picks, experts
+
+
+def test_logits_picks_and_experts_match_transformers(pair):
+    reference, model, _ = pair
+    assert isinstance(model, V4CausalLM)
+    tokens = torch.randint(0, 300, (2, 41), generator=torch.Generator().manual_seed(3))
+    expected, picks, experts = _recorded(reference, tokens)
+    with torch.no_grad():
+        got = model(tokens)
+    assert (got - expected).abs().max() < 1e-4
+    sparse = [m for m in model.modules() if isinstance(m, V4Attention) and m.indexer is not None]
+    assert len(sparse) == len(picks) == 1
+    assert torch.equal(sparse[0].last_selection.sort(-1).values, picks[0].sort(-1).values)
+    layers = moe_layers(model)
+    assert [layer.router.kind for layer in layers] == ["hash", "aux-free", "aux-free"]
+    for layer, ids in zip(layers, experts, strict=True):
+        assert torch.equal(layer.last_routing.expert_ids.sort(-1).values, ids.sort(-1).values)
+
+
+def test_twenty_greedy_tokens_with_the_cache_match(pair):
+    reference, model, _ = pair
+    prompt = torch.randint(0, 300, (10,), generator=torch.Generator().manual_seed(4))
+    expected = reference.generate(prompt[None], max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, 10:].tolist()
+    assert list(generate(model, prompt.tolist(), max_new_tokens=20, stop=set())) == expected
+
+
+def _with_config(folder, tmp_path, **changes):
+    """A copy of the model folder whose config.json has `changes` applied."""
+    copy = tmp_path / "edited"
+    copy.mkdir()
+    for item in folder.iterdir():
+        (copy / item.name).symlink_to(item)
+    (copy / "config.json").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, **changes}))
+    return copy
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(layer_types=["sliding_attention", "linear_attention", "heavily_compressed_attention"]), "'linear_attention'"),
+    (dict(mlp_layer_types=["hash_moe", "dense", "moe"]), "'dense'"),
+    (dict(quantization_config={"quant_method": "fp8", "expert_dtype": "fp4"}), "quantised weights (fp4, fp8)"),
+    (dict(compress_rates={"compressed_sparse_attention": 0, "heavily_compressed_attention": 8}), "rate 0"),
+    (dict(compress_rates={"compressed_sparse_attention": 2.5, "heavily_compressed_attention": 8}), "rate 2.5"),
+])
+def test_bad_configs_are_refused_naming_what(pair, tmp_path, changes, message):
+    folder = _with_config(pair[2], tmp_path, **changes)
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ModelFolder(folder)
+
+
+def test_an_unknown_layer_type_is_one_line_from_the_shell(pair, tmp_path):
+    folder = _with_config(pair[2], tmp_path, layer_types=["sliding_attention"] * 2 + ["linear_attention"])
+    assert_one_line_error(run_cli("moe-inspect", folder, "--text", "hello"), 2, "linear_attention")
