@@ -100,3 +100,13 @@ def test_bad_configs_are_refused_naming_what(pair, tmp_path, changes, message):
 def test_an_unknown_layer_type_is_one_line_from_the_shell(pair, tmp_path):
     folder = _with_config(pair[2], tmp_path, layer_types=["sliding_attention"] * 2 + ["linear_attention"])
     assert_one_line_error(run_cli("moe-inspect", folder, "--text", "hello"), 2, "linear_attention")
+
+
+def test_moe_inspect_shows_hash_and_learned_layers(pair, tmp_path):
+    proc = run_cli("moe-inspect", pair[2], "--text", "The quick brown fox jumps over the lazy dog.", "--json",
+                   "--plot", tmp_path / "load.png")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["architecture"] == "DeepseekV4ForCausalLM"
+    assert [row["layer"] for row in result["layers"]] == ["layer 0 (hash)", "layer 1", "layer 2"]
+    assert (tmp_path / "load.png").stat().st_size > 0

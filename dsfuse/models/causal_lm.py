@@ -56,6 +56,10 @@ class CausalLM(nn.Module):
                                 ffn_hidden=self.cfg.ffn_hidden, moe=self.cfg.moe if moe else None,
                                 norm_eps=self.cfg.norm_eps)
 
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """What the first layer takes from the embeddings [B, T, D]: here x itself (DeepSeek-V4: its streams)."""
+        return x
+
     def new_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
 

@@ -48,6 +48,9 @@ class V4CausalLM(CausalLM):
         return TransformerBlock(cfg.dim, cfg.layer_attention[i], ffn="moe", moe=moe, norm_eps=cfg.norm_eps,
                                 hyper=cfg.hyper)
 
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        return expand_streams(x, self.cfg.hyper.streams)
+
     def new_cache(self) -> list[V4Cache]:
         return [V4Cache() for _ in self.layers]
 
@@ -55,7 +58,7 @@ class V4CausalLM(CausalLM):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         if mask is not None and not bool(mask.all()):
             raise UsageError("DeepSeek-V4 models take no padded batches yet: give one text at a time")
-        streams = expand_streams(self.embed(tokens), self.cfg.hyper.streams)
+        streams = self.enter(self.embed(tokens))
         for i, layer in enumerate(self.layers):
             streams = layer(streams, causal=True, cache=None if cache is None else cache[i], token_ids=tokens)
         x = self.hc_head(streams)

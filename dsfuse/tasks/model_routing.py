@@ -73,13 +73,15 @@ def route_text(folder: ModelFolder, tokenizer: Any, text: str, source: str, dtyp
     model = skeleton(folder)
     load_module(folder, model.embed, "embed.", dtype)
     with torch.inference_mode():
-        x = model.embed(torch.tensor([ids]))
+        token_ids = torch.tensor([ids])
+        x = model.enter(model.embed(token_ids))
         model.embed.to("meta")
         layers = []
         for i, layer in enumerate(streamed_layers(folder, model, dtype)):
-            x = layer(x.to(layer.attn_norm.weight.dtype), causal=True)
-            if isinstance(layer.ffn, MoE):
-                layers.append((f"layer {i}", layer.ffn.last_routing))
+            x = layer(x.to(layer.attn_norm.weight.dtype), causal=True, token_ids=token_ids)
+            if isinstance(layer.ffn, MoE):  # a hash-routed layer's load is fixed by the text's token ids
+                hashed = " (hash)" if layer.ffn.router.kind == "hash" else ""
+                layers.append((f"layer {i}{hashed}", layer.ffn.last_routing))
     if not layers:
         raise UsageError(f"the model ({folder.arch.name}) has no MoE layer", folder.path)
     return TextRoutes(source, tokens, layers)
