@@ -102,11 +102,39 @@ def test_an_unknown_layer_type_is_one_line_from_the_shell(pair, tmp_path):
     assert_one_line_error(run_cli("moe-inspect", folder, "--text", "hello"), 2, "linear_attention")
 
 
-def test_moe_inspect_shows_hash_and_learned_layers(pair, tmp_path):
-    proc = run_cli("moe-inspect", pair[2], "--text", "The quick brown fox jumps over the lazy dog.", "--json",
-                   "--plot", tmp_path / "load.png")
+def test_moe_inspect_shows_hash_layers_and_the_sparse_pattern(pair, tmp_path):
+    text = "The quick brown fox jumps over the lazy dog. " * 2
+    proc = run_cli("moe-inspect", pair[2], "--text", text, "--json", "--plot", tmp_path / "load.png",
+                   "--attention", tmp_path / "sparse.png")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result["architecture"] == "DeepseekV4ForCausalLM"
     assert [row["layer"] for row in result["layers"]] == ["layer 0 (hash)", "layer 1", "layer 2"]
-    assert (tmp_path / "load.png").stat().st_size > 0
+    assert [(r["layer"], r["type"]) for r in result["attention"]] == [
+        ("layer 1", "compressed_sparse_attention"), ("layer 2", "heavily_compressed_attention")]
+    assert all(0 < r["outside_window"] < 1 for r in result["attention"])
+    assert (tmp_path / "load.png").stat().st_size > 0 and (tmp_path / "sparse.png").stat().st_size > 0
+    again = run_cli("moe-inspect", pair[2], "--text", text, "--attention", tmp_path / "sparse.png")
+    assert_one_line_error(again, 2, "exists")
+
+
+def test_outside_share_and_pattern_follow_the_picks():
+    """The share is the attention weight on compressed rows; the pattern marks exactly the indexer's picks."""
+    from v4_reference import ATTENTION_RENAMES, attention_config, copy_weights, randomize
+    from dsfuse.tasks.model_routing import attention_facts
+
+    config = tiny_config()
+    reference = ref.DeepseekV4Attention(config, 1)
+    randomize(reference, seed=1)
+    attn = V4Attention(attention_config(config, 1)).eval()
+    copy_weights(reference, attn, ATTENTION_RENAMES)
+    with torch.no_grad():
+        attn(torch.randn(1, 40, 64))
+    facts = attention_facts("layer 1", attn, 40)
+    pattern = torch.tensor(facts["pattern"])
+    assert pattern.shape == (40, 10) and torch.equal(pattern.sum(1), (attn.last_selection[0] >= 0).sum(1).float())
+    assert pattern[:3].sum() == 0 and 0 < facts["outside_window"] < 1
+    share_without_rows = attn.last_outside_share
+    with torch.no_grad():
+        attn(torch.randn(1, 3, 64))  # too short for any row: everything inside the window
+    assert attn.last_outside_share == 0 and share_without_rows > 0

@@ -25,6 +25,9 @@ def moe_inspect(
     ] = None,
     routes_out: Annotated[Path | None, typer.Option(
         "--routes-out", help="With MODEL: JSON Lines, one record per token and layer (experts, weights).")] = None,
+    attention: Annotated[Path | None, typer.Option(
+        "--attention", help="With a DeepSeek-V4 MODEL: PNG of the compressed rows each query attended to; the "
+                            "table adds each layer's attention mass outside the local window.")] = None,
     dtype: Annotated[ComputeDtype, typer.Option(
         "--dtype", help="With MODEL: the compute dtype (auto: the checkpoint's).")] = "auto",
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="With MODEL: route at most this many tokens "
@@ -59,15 +62,17 @@ def moe_inspect(
 
     Example: dsfuse moe-inspect --experts 64 --top-k 6 --router aux-free --plot load.png
     Example: dsfuse moe-inspect deepseek-ai/DeepSeek-V2-Lite --text essay.txt --plot load.png
+    Example: dsfuse moe-inspect ./deepseek-v4-folder --text essay.txt --attention sparse.png
     """
     from dsfuse.device import seed_everything, select_device
     from dsfuse.tasks import moe
 
     if model is not None:
-        inspect_model(model, text, compare, routes_out, dtype, max_tokens, plot, json, quiet, force,
+        inspect_model(model, text, compare, routes_out, attention, dtype, max_tokens, plot, json, quiet, force,
                       given=[flag for flag, value in (("--checkpoint", checkpoint), ("--input", input)) if value])
         return
-    for flag, value in (("--text", text), ("--compare", compare), ("--routes-out", routes_out)):
+    for flag, value in (("--text", text), ("--compare", compare), ("--routes-out", routes_out),
+                        ("--attention", attention)):
         if value is not None:
             raise UsageError(f"{flag} needs a MODEL (a Hugging Face folder or Hub id)", flag)
 
@@ -88,7 +93,7 @@ def moe_inspect(
 
 
 def inspect_model(model: str, text: str | None, compare: tuple[str, str] | None, routes_out: Path | None,
-                  dtype: ComputeDtype, max_tokens: int, plot: Path | None, json: bool, quiet: bool, force: bool,
+                  attention: Path | None, dtype: ComputeDtype, max_tokens: int, plot: Path | None, json: bool, quiet: bool, force: bool,
                   given: list[str]) -> None:
     """moe-inspect MODEL: route real text through a real model and print the per-layer table."""
     from dsfuse.tasks.model_routing import inspect_model as inspect
@@ -98,7 +103,7 @@ def inspect_model(model: str, text: str | None, compare: tuple[str, str] | None,
     if (text is None) == (compare is None):
         raise UsageError("give MODEL one --text, or two texts with --compare", "--text")
     result = inspect(model, text or "", compare=compare, dtype=dtype, max_tokens=max_tokens, plot=plot,
-                     routes_out=routes_out, force=force, quiet=quiet)
+                     routes_out=routes_out, attention=attention, force=force, quiet=quiet)
     if json:
         emit_json(result)
         return
@@ -113,7 +118,11 @@ def inspect_model(model: str, text: str | None, compare: tuple[str, str] | None,
                     ["layer", "JS divergence (bits)", "experts preferring A", "experts preferring B"],
                     [(r["layer"], f"{r['divergence']:.3f}", " ".join(map(str, r["prefers_a"])),
                       " ".join(map(str, r["prefers_b"]))) for r in c["layers"]])
-    for key, what in (("plot", "plot"), ("routes", "routes")):
+    if attention is not None:
+        print_table("compressed attention (DeepSeek-V4)", ["layer", "type", "rate", "rows", "mass outside window"],
+                    [(r["layer"], r["type"], r["rate"], r["rows"], f"{100 * r['outside_window']:.1f}%")
+                     for r in result["attention"]])
+    for key, what in (("plot", "plot"), ("routes", "routes"), ("attention_plot", "sparse pattern")):
         if key in result:
             console.print(f"{what}: {result[key]}")
 

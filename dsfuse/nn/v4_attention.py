@@ -10,7 +10,9 @@ one shared key/value head (keys are the values, RMSNorm'd); RoPE on the trailing
     attn = V4Attention(V4AttentionConfig(dim=64, layer_type="compressed_sparse_attention", ...))
     y = attn(x)                              # x [B, T, dim], always causal
     cache = V4Cache(); y = attn(x, cache=cache); y1 = attn(x1, cache=cache)   # decoding
-After a CSA forward, `last_selection` [B, T, k] holds the rows the indexer picked per query (-1: none).
+After a CSA forward, `last_selection` [B, T, k] holds the rows the indexer picked per query (-1: none);
+after any forward, `last_outside_share` is the share of the attention mass (sinks aside) that went to
+compressed rows, outside the local window.
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ class V4Attention(nn.Module):
                 self.indexer = LightningIndexer(cfg.dim, cfg.q_lora_rank, cfg.index_heads, cfg.index_head_dim,
                                                 cfg.compress_rate, cfg.index_topk, self.rope, cfg.norm_eps)
         self.last_selection: torch.Tensor | None = None
+        self.last_outside_share = 0.0
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = True,
                 cache: V4Cache | None = None) -> torch.Tensor:
@@ -138,8 +141,13 @@ class V4Attention(nn.Module):
             if self.indexer is not None:
                 keys = self.indexer(x, cache.indexer if cache is not None else None)
                 extra = self._picked_rows(rows, keys, x, q_latent, positions)
+        mass = torch.zeros(2, device=x.device)  # [outside the window, all]
+
+        def tally(probs: torch.Tensor, n_local: int) -> None:
+            mass.add_(torch.stack([probs[..., n_local:].sum(), probs.sum()]))
         out = window_sink_attention(q, kv, offset, kv_start, cfg.window, self.sinks, cfg.head_dim ** -0.5, extra,
-                                    cfg.chunk)
+                                    cfg.chunk, tally)
+        self.last_outside_share = float(mass[0] / mass[1].clamp_min(1e-12))
         out = rearrange(self.rope(out, positions, inverse=True), "b (g h) t d -> b t g (h d)", g=cfg.o_groups)
         return self.o_b_proj(self.o_a_proj(out).flatten(2))
 

@@ -21,8 +21,10 @@ from dsfuse.hub import model_folder
 from dsfuse.io import atomic_path, check_writable
 from dsfuse.metrics import routing_divergence, routing_stats
 from dsfuse.models.hf import ModelFolder, load_module, skeleton, streamed_layers
+from dsfuse.nn.kv_compression import visible_rows
 from dsfuse.nn.moe import MoE, RoutingRecord
-from dsfuse.plots import plot_load_heatmap, plot_route_compare
+from dsfuse.nn.v4_attention import V4Attention
+from dsfuse.plots import plot_load_heatmap, plot_route_compare, plot_sparse_pattern
 from dsfuse.report import warn
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,6 +37,7 @@ class TextRoutes:
     source: str
     tokens: list[str]
     layers: list[tuple[str, RoutingRecord]]
+    attention: list[dict[str, Any]]  # DeepSeek-V4's compressed layers: see attention_facts
 
 
 def read_text(arg: str) -> tuple[str, str]:
@@ -76,15 +79,33 @@ def route_text(folder: ModelFolder, tokenizer: Any, text: str, source: str, dtyp
         token_ids = torch.tensor([ids])
         x = model.enter(model.embed(token_ids))
         model.embed.to("meta")
-        layers = []
+        layers, attention = [], []
         for i, layer in enumerate(streamed_layers(folder, model, dtype)):
             x = layer(x.to(layer.attn_norm.weight.dtype), causal=True, token_ids=token_ids)
             if isinstance(layer.ffn, MoE):  # a hash-routed layer's load is fixed by the text's token ids
                 hashed = " (hash)" if layer.ffn.router.kind == "hash" else ""
                 layers.append((f"layer {i}{hashed}", layer.ffn.last_routing))
+            if isinstance(layer.attn, V4Attention) and layer.attn.compressor is not None:
+                attention.append(attention_facts(f"layer {i}", layer.attn, len(ids)))
     if not layers:
         raise UsageError(f"the model ({folder.arch.name}) has no MoE layer", folder.path)
-    return TextRoutes(source, tokens, layers)
+    return TextRoutes(source, tokens, layers, attention)
+
+
+def attention_facts(name: str, attn: V4Attention, length: int) -> dict[str, Any]:
+    """A compressed V4 layer's last forward: its type, the share of attention mass outside the local window,
+    and `pattern` [queries, rows]: 1 where a query attended to a compressed row (CSA: the indexer's picks;
+    HCA: every row whose window had closed)."""
+    rate = attn.cfg.compress_rate
+    rows = length // rate
+    visible = torch.arange(rows)[None, :] < visible_rows(torch.arange(length), rate)[:, None]
+    if attn.indexer is not None:
+        picks = attn.last_selection[0]
+        pattern = torch.zeros(length, rows + 1).scatter_(1, picks.masked_fill(picks < 0, rows), 1.0)[:, :rows]
+    else:
+        pattern = visible.float()
+    return {"layer": name, "type": attn.cfg.layer_type, "rate": rate, "rows": rows,
+            "outside_window": attn.last_outside_share, "pattern": pattern.tolist()}
 
 
 def layer_rows(routes: TextRoutes) -> list[dict[str, Any]]:
@@ -109,14 +130,16 @@ def write_routes(all_routes: list[TextRoutes], path: Path) -> Path:
 
 def inspect_model(model: str, text: str, *, compare: tuple[str, str] | None = None, dtype: ComputeDtype = "auto",
                   max_tokens: int = 4096, plot: Path | None = None, routes_out: Path | None = None,
-                  force: bool = False, quiet: bool = False) -> dict[str, Any]:
+                  attention: Path | None = None, force: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Route `text` (or both texts of `compare`) through `model`: per-layer statistics and, asked for,
-    a heatmap (or the comparison plot) and the routes file. Every output is checked before any work."""
-    for path in (plot, routes_out):
+    a heatmap (or the comparison plot), the routes file and DeepSeek-V4's attention report (`attention`:
+    the sparse-pattern picture). Every output is checked before any work."""
+    for path in (plot, routes_out, attention):
         if path is not None:
             check_writable(path, force)
-    if plot is not None and plot.suffix.lower() != ".png":
-        raise UsageError("the plot is a PNG: give a path ending in .png", plot)
+    for path in (plot, attention):
+        if path is not None and path.suffix.lower() != ".png":
+            raise UsageError("the picture is a PNG: give a path ending in .png", path)
     texts = [read_text(t) for t in (compare or (text,))]
     folder = ModelFolder(model_folder(model, quiet=quiet))
     tokenizer = folder.tokenizer()
@@ -138,4 +161,11 @@ def inspect_model(model: str, text: str, *, compare: tuple[str, str] | None = No
         result["plot"] = str(plot_load_heatmap(rows, plot, f"expert load, {model} on {first.source}"))
     if routes_out is not None:
         result["routes"] = str(write_routes(routes, routes_out))
+    if attention is not None:
+        if not first.attention:
+            raise UsageError(f"--attention reports DeepSeek-V4's compressed attention; {folder.arch.name} has none",
+                             "--attention")
+        result["attention"] = [{k: v for k, v in layer.items() if k != "pattern"} for layer in first.attention]
+        result["attention_plot"] = str(plot_sparse_pattern(
+            first.attention, attention, f"compressed rows attended, {model} on {first.source}"))
     return result
