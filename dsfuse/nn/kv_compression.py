@@ -14,8 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from einops import einsum, rearrange
+from einops import rearrange
 from torch import nn
 
 from dsfuse.nn.interleaved_rope import InterleavedRope
@@ -115,9 +114,9 @@ class LightningIndexer(KVCompressor):
                ) -> torch.Tensor:
         """Index scores [B, C, N] of queries (x and q_latent [B, C, ...] at `positions`) against keys [B, N, d]."""
         q = self.rope(rearrange(self.q_b_proj(q_latent), "b t (h d) -> b h t d", h=self.n_heads), positions)
-        per_head = F.relu(einsum(q.float(), keys.float(), "b h t d, b s d -> b t h s")) * self.head_dim ** -0.5
-        weights = self.weights_proj(x).float() * self.n_heads ** -0.5
-        scores = (per_head * weights[..., None]).sum(dim=2)
+        per_head = torch.matmul(q.float(), keys.float().transpose(-1, -2)[:, None]).relu_()  # [B, H, C, N], in place:
+        weights = self.weights_proj(x).float() * (self.n_heads ** -0.5 * self.head_dim ** -0.5)  # at long contexts
+        scores = per_head.mul_(rearrange(weights, "b t h -> b h t 1")).sum(dim=1)  # these are the big tensors
         future = torch.arange(keys.shape[1], device=x.device)[None, :] >= visible_rows(positions, self.rate)[:, None]
         return scores.masked_fill(future, float("-inf"))
 
