@@ -98,6 +98,8 @@ class V4Cache:
 
 
 class V4Attention(nn.Module):
+    """One DeepSeek-V4 attention layer of `cfg.layer_type` (see the module docstring)."""
+
     def __init__(self, cfg: V4AttentionConfig):
         super().__init__()
         self.cfg = cfg
@@ -134,13 +136,13 @@ class V4Attention(nn.Module):
         q = self.rope(F.rms_norm(q, (cfg.head_dim,), eps=cfg.norm_eps), positions)
         kv = self.rope(self.kv_norm(self.kv_proj(x))[:, None], positions)
         kv, kv_start = cache.extend(kv, cfg.window) if cache is not None else (kv, offset)
-        extra = None
+        extra, picks = None, []
         if self.compressor is not None:
             rows = self.compressor(x, cache.compressor if cache is not None else None)
             extra = self._closed_rows(rows, positions)
             if self.indexer is not None:
                 keys = self.indexer(x, cache.indexer if cache is not None else None)
-                extra = self._picked_rows(rows, keys, x, q_latent, positions)
+                extra = self._picked_rows(rows, keys, x, q_latent, positions, picks)
         mass = torch.zeros(2, device=x.device)  # [outside the window, all]
 
         def tally(probs: torch.Tensor, n_local: int) -> None:
@@ -148,6 +150,8 @@ class V4Attention(nn.Module):
         out = window_sink_attention(q, kv, offset, kv_start, cfg.window, self.sinks, cfg.head_dim ** -0.5, extra,
                                     cfg.chunk, tally)
         self.last_outside_share = float(mass[0] / mass[1].clamp_min(1e-12))
+        if picks:
+            self.last_selection = torch.cat(picks, dim=1)
         out = rearrange(self.rope(out, positions, inverse=True), "b (g h) t d -> b t g (h d)", g=cfg.o_groups)
         return self.o_b_proj(self.o_a_proj(out).flatten(2))
 
@@ -160,15 +164,12 @@ class V4Attention(nn.Module):
         return extra
 
     def _picked_rows(self, rows: torch.Tensor, keys: torch.Tensor, x: torch.Tensor, q_latent: torch.Tensor,
-                     positions: torch.Tensor) -> ExtraRows:
+                     positions: torch.Tensor, picks: list[torch.Tensor]) -> ExtraRows:
         """CSA: only the rows the indexer picks for each query first..end, gathered [B, C, k, D]; the picks
-        accumulate in last_selection."""
-        picks: list[torch.Tensor] = []
-
+        go to `picks`, a chunk at a time."""
         def extra(first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
             picked = self.indexer.select(keys, x[:, first:end], q_latent[:, first:end], positions[first:end])
             picks.append(picked)
-            self.last_selection = torch.cat(picks, dim=1)
             index = picked.clamp(min=0)
             gathered = torch.gather(rows[:, None].expand(-1, index.shape[1], -1, -1), 2,
                                     index[..., None].expand(-1, -1, -1, rows.shape[-1]))
