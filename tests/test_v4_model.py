@@ -138,3 +138,12 @@ def test_outside_share_and_pattern_follow_the_picks():
     with torch.no_grad():
         attn(torch.randn(1, 3, 64))  # too short for any row: everything inside the window
     assert attn.last_outside_share == 0 and share_without_rows > 0
+
+
+def test_a_text_beyond_the_context_is_refused(pair, tmp_path):
+    from dsfuse.tasks.model_routing import inspect_model
+
+    folder = _with_config(pair[2], tmp_path, max_position_embeddings=8)
+    with pytest.raises(UsageError, match="beyond the model's maximum context of 8"):
+        inspect_model(str(folder), "The quick brown fox jumps over the lazy dog.", quiet=True)
+    assert inspect_model(str(folder), "The quick brown fox jumps", max_tokens=8, quiet=True)["tokens"] <= 8

@@ -69,6 +69,9 @@ def route_text(folder: ModelFolder, tokenizer: Any, text: str, source: str, dtyp
     if len(ids) > max_tokens:
         warn(f"{source}: {len(ids)} tokens, routing the first {max_tokens} (--max-tokens)", quiet)
         ids = ids[:max_tokens]
+    if len(ids) > folder.config.max_seq_len:
+        raise UsageError(f"{len(ids)} tokens, beyond the model's maximum context of {folder.config.max_seq_len} "
+                         "(route fewer with --max-tokens)", source)
     if max(ids) >= folder.config.vocab_size:
         raise UsageError(f"the tokenizer gives id {max(ids)}, beyond the model's vocabulary of "
                          f"{folder.config.vocab_size}", folder.path / "tokenizer.json")
