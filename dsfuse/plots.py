@@ -109,6 +109,7 @@ def plot_sparse_pattern(layers: Sequence[Mapping[str, Any]], path: str | Path, t
                      fontsize=8)
         ax.set_xlabel("compressed row")
         ax.set_ylabel("query token")
+        ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(title)
     return save_figure(fig, path)
 

@@ -22,16 +22,32 @@ from dsfuse.nn.moe import moe_layers
 from dsfuse.nn.v4_attention import V4Attention
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("v4")
-    config = tiny_config(vocab_size=300, bos_token_id=None, eos_token_id=None)
+def _saved(folder, **overrides):
+    """(transformers model, dsfuse model, folder) of a tiny random V4 saved by save_pretrained."""
+    config = tiny_config(vocab_size=300, bos_token_id=None, eos_token_id=None, **overrides)
     torch.manual_seed(0)
     reference = ref.DeepseekV4ForCausalLM(config).eval()
     randomize_layer(reference, config, seed=7)
     reference.save_pretrained(folder)
     tiny_tokenizer(folder)
     return reference, load_model(ModelFolder(folder)), folder
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Sliding, CSA, HCA; one hash layer then two learned."""
+    return _saved(tmp_path_factory.mktemp("v4"))
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    """Another schedule and other sizes: CSA first, two hash layers, rates 2 and 16, an 8-token window,
+    2 streams, 4 output groups, half the head rotary."""
+    return _saved(tmp_path_factory.mktemp("v4-other"), num_hidden_layers=4,
+                  layer_types=["compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention",
+                               "compressed_sparse_attention"], mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"],
+                  compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 16},
+                  sliding_window=8, index_topk=5, hc_mult=2, o_groups=4, partial_rotary_factor=0.5)
 
 
 def _recorded(reference, tokens) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -47,8 +63,9 @@ def _recorded(reference, tokens) -> tuple[list[torch.Tensor], list[torch.Tensor]
     return logits, picks, experts
 
 
-def test_logits_picks_and_experts_match_transformers(pair):
-    reference, model, _ = pair
+@pytest.mark.parametrize("which", ["pair", "other"])
+def test_logits_picks_and_experts_match_transformers(which, request):
+    reference, model, _ = request.getfixturevalue(which)
     assert isinstance(model, V4CausalLM)
     tokens = torch.randint(0, 300, (2, 41), generator=torch.Generator().manual_seed(3))
     expected, picks, experts = _recorded(reference, tokens)
@@ -56,16 +73,19 @@ def test_logits_picks_and_experts_match_transformers(pair):
         got = model(tokens)
     assert (got - expected).abs().max() < 1e-4
     sparse = [m for m in model.modules() if isinstance(m, V4Attention) and m.indexer is not None]
-    assert len(sparse) == len(picks) == 1
-    assert torch.equal(sparse[0].last_selection.sort(-1).values, picks[0].sort(-1).values)
+    assert len(sparse) == len(picks) == reference.config.layer_types.count("compressed_sparse_attention")
+    for layer_picks, expected_picks in zip(sparse, picks, strict=True):
+        assert torch.equal(layer_picks.last_selection.sort(-1).values, expected_picks.sort(-1).values)
     layers = moe_layers(model)
-    assert [layer.router.kind for layer in layers] == ["hash", "aux-free", "aux-free"]
+    kinds = {"hash_moe": "hash", "moe": "aux-free"}
+    assert [layer.router.kind for layer in layers] == [kinds[t] for t in reference.config.mlp_layer_types]
     for layer, ids in zip(layers, experts, strict=True):
         assert torch.equal(layer.last_routing.expert_ids.sort(-1).values, ids.sort(-1).values)
 
 
-def test_twenty_greedy_tokens_with_the_cache_match(pair):
-    reference, model, _ = pair
+@pytest.mark.parametrize("which", ["pair", "other"])
+def test_twenty_greedy_tokens_with_the_cache_match(which, request):
+    reference, model, _ = request.getfixturevalue(which)
     prompt = torch.randint(0, 300, (10,), generator=torch.Generator().manual_seed(4))
     expected = reference.generate(prompt[None], max_new_tokens=20, min_new_tokens=20, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)[0, 10:].tolist()
