@@ -49,7 +49,7 @@ class MoEConfig:
     top_k: int = 6
     n_shared: int = 2  # always-on experts, merged into one SwiGLU of n_shared * expert_hidden
     expert_hidden: int = 128
-    router: choices.Router = "topk"
+    router: choices.MoERouter = "topk"
     capacity_factor: float = 0.0  # 0: dropless; else each expert takes ceil(cf * tokens * k / experts)
     balance_weight: float = 0.01  # Switch-form load-balancing loss
     seq_balance_weight: float = 0.0  # DeepSeek-V3's sequence-wise balance loss
@@ -71,7 +71,7 @@ class MoEConfig:
             raise ValueError(f"n_experts must be at least 1, got {self.n_experts}")
         if not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"top_k must be between 1 and n_experts ({self.n_experts}), got {self.top_k}")
-        choices.check(self.router, choices.Router, "router")
+        choices.check(self.router, choices.MoERouter, "router")
         choices.check(self.affinity, choices.Affinity, "affinity")
         if self.router == "hash" and self.vocab_size < 1:
             raise ValueError("the hash router needs vocab_size, the token ids its table covers")
