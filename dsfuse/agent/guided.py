@@ -31,9 +31,11 @@ class Vocabulary:
     digits: torch.Tensor  # bool [V]: tokens made of digits, '.' or '-'
 
     @classmethod
-    def build(cls, tokenizer: Any, special_ids: set[int]) -> Vocabulary:
-        size = tokenizer.get_vocab_size()
-        texts = [tokenizer.decode([i], skip_special_tokens=False) for i in range(size)]
+    def build(cls, tokenizer: Any, special_ids: set[int], size: int | None = None) -> Vocabulary:
+        """`size`: the model's vocabulary (may pad the tokenizer's; ids beyond it never match)."""
+        known = tokenizer.get_vocab_size()
+        size = size or known
+        texts = [tokenizer.decode([i], skip_special_tokens=False) if i < known else "" for i in range(size)]
         by_text: dict[str, list[int]] = {}
         for i, text in enumerate(texts):
             if i not in special_ids and text:

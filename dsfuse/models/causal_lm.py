@@ -3,10 +3,12 @@
 token embedding -> n_layers x TransformerBlock (any attention kind; SwiGLU or DeepSeekMoE feed-forward
 per layer) -> RMSNorm -> logits. Llama, Qwen2/3, Mixtral, Qwen-MoE, OLMoE and DeepSeek-V2/V3 differ
 only in the options of those blocks (`models/hf_arch.py` maps their configs onto this one).
+Decoding keeps one KVCache per layer, so each new token costs one position, not the whole prefix.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +65,11 @@ class CausalLM(nn.Module):
     def new_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
 
+    @staticmethod
+    def fork_cache(cache: list[KVCache], length: int) -> list[KVCache]:
+        """A copy of the first `length` cached positions of every layer that can grow on its own."""
+        return [layer.fork(length) for layer in cache]
+
     def forward(self, tokens: torch.Tensor, cache: list[KVCache] | None = None, last_only: bool = False,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] for tokens [B, T] (positions continue after the cache); `mask` [B, T] marks
@@ -75,3 +82,36 @@ class CausalLM(nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits from the last layer's hidden states."""
         return self.lm_head(self.norm(x))
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> int:
+    """One token id from logits [V]: greedy at temperature 0, else temperature + nucleus (top-p) sampling."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()
+def generate(model: CausalLM, prompt: list[int], max_new_tokens: int, stop: set[int], temperature: float = 0.0,
+             top_p: float = 1.0, generator: torch.Generator | None = None,
+             cache: list[KVCache] | None = None) -> Iterator[int]:
+    """Yield new token ids after `prompt` until a stop id (not yielded) or `max_new_tokens`."""
+    device = next(model.parameters()).device
+    cache = cache if cache is not None else model.new_cache()
+    logits = model(torch.tensor([prompt], device=device), cache, last_only=True)
+    for _ in range(max_new_tokens):
+        token = sample_next(logits[0, -1], temperature, top_p, generator)
+        if token in stop:
+            return
+        yield token
+        if cache[0].length >= model.cfg.max_seq_len:
+            return
+        logits = model(torch.tensor([[token]], device=device), cache)

@@ -60,6 +60,11 @@ class WeightFiles:
                 raise UsageError(f"not a readable safetensors shard ({str(e)[:120]})", self.folder / shard) from None
         return self._handles[shard]
 
+    def release(self) -> None:
+        """Close the shards: the pages read through their mappings stop counting as this process's memory
+        (tensors taken as they are keep their own mapping alive)."""
+        self._handles.clear()
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self.where:
             raise UsageError(f"the checkpoint has no tensor {name}", self.folder)
@@ -120,17 +125,16 @@ def load_module(folder: ModelFolder, module: nn.Module, prefix: str = "",
                              f"the config ({prefix + key} needs {tuple(target.shape)})", folder.path)
         state[key] = tensor if dtype is None else tensor.to(dtype)
     module.load_state_dict(state, strict=True, assign=True)
+    folder.weights.release()
     return module
 
 
 def load_model(folder: ModelFolder, dtype: torch.dtype | None = None) -> nn.Module:
     """The whole model, in eval mode on the CPU."""
-    with torch.device("meta"):
-        model = folder.arch.build(folder.config)
-    load_module(folder, model, dtype=dtype)
+    model = load_module(folder, skeleton(folder), dtype=dtype)
     if folder.config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    return model.eval()
+    return model
 
 
 def skeleton(folder: ModelFolder) -> nn.Module:

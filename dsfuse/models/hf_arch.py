@@ -86,10 +86,10 @@ class Architecture:
         name = prefix + where + ".{e}.{proj}.weight"
         if which == "w2":  # [E, hidden, dim] from down [dim, hidden] each
             return Source(tuple(name.format(e=e, proj=down) for e in range(n)),
-                          lambda ts: torch.stack(ts).transpose(1, 2))
+                          lambda ts: torch.stack([t.T for t in ts]))
         names = tuple(name.format(e=e, proj=proj) for e in range(n) for proj in (gate, up))
-        # [E, dim, 2 * hidden] from gate and up [hidden, dim] each
-        return Source(names, lambda ts: rearrange(torch.stack(ts), "(e two) h d -> e d (two h)", two=2))
+        # [E, dim, 2 * hidden] from gate and up [hidden, dim] each (stacking copies once, contiguous)
+        return Source(names, lambda ts: torch.stack([torch.cat(ts[i:i + 2]).T for i in range(0, len(ts), 2)]))
 
 
 def _deinterleave(module: str, attention: AttentionConfig) -> Callable[[list[torch.Tensor]], torch.Tensor]:

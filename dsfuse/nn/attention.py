@@ -183,6 +183,7 @@ class KVCache:
 
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        self.axes: dict[str, int] = {}  # each tensor's time axis
         self.key_mask: torch.Tensor | None = None  # bool [B, T_cached]
         self.length = 0
 
@@ -192,6 +193,7 @@ class KVCache:
         for name, (tensor, axis) in new.items():
             old = self.tensors.get(name)
             self.tensors[name] = tensor if old is None else torch.cat([old, tensor], dim=axis)
+            self.axes[name] = axis
         if mask is not None or self.key_mask is not None:
             batch = next(iter(new.values()))[0].shape[0]
             device = next(iter(new.values()))[0].device
@@ -204,6 +206,17 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def fork(self, length: int) -> KVCache:
+        """A cache of the first `length` positions that grows on its own (appending concatenates, so the
+        views it starts from are never written in place)."""
+        twin = KVCache()
+        twin.tensors = {name: t.narrow(self.axes[name], 0, min(length, t.shape[self.axes[name]]))
+                        for name, t in self.tensors.items()}
+        twin.axes = dict(self.axes)
+        twin.key_mask = self.key_mask[:, :length] if self.key_mask is not None else None
+        twin.length = min(length, self.length)
+        return twin
 
 
 def attention_mask(q_len: int, key_mask: torch.Tensor | None, causal: bool, offset: int = 0,
