@@ -167,3 +167,27 @@ def test_a_text_beyond_the_context_is_refused(pair, tmp_path):
     with pytest.raises(UsageError, match="beyond the model's maximum context of 8"):
         inspect_model(str(folder), "The quick brown fox jumps over the lazy dog.", quiet=True)
     assert inspect_model(str(folder), "The quick brown fox jumps", max_tokens=8, quiet=True)["tokens"] <= 8
+
+
+def test_chat_local_talks_with_a_v4_folder(pair, tmp_path):
+    """chat --local on a V4 folder answers (its cache forks whole or starts again, never cut back)."""
+    proc = run_cli("chat", "--local", pair[2], "Why is the sky blue?", "--json", "--max-tokens", "6",
+                   "--transcript", tmp_path / "t.jsonl", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "DeepseekV4ForCausalLM" in proc.stderr or "DeepseekV4ForCausalLM" in proc.stdout
+
+
+def test_a_v4_cache_forks_whole_or_empty():
+    from dsfuse.nn.v4_attention import V4AttentionConfig, V4Cache
+
+    attn = V4Attention(V4AttentionConfig(layer_type="compressed_sparse_attention")).eval()
+    cache = V4Cache()
+    with torch.no_grad():
+        attn(torch.randn(1, 9, 64), cache=cache)
+        twin = cache.fork(9)
+        attn(torch.randn(1, 1, 64), cache=twin)
+    assert cache.length == 9 and twin.length == 10 and cache.compressor.n_rows == 2
+    assert cache.compressor.pending_kv.shape[1] == 1 and twin.compressor.pending_kv.shape[1] == 2  # apart
+    assert cache.fork(0).length == 0
+    with pytest.raises(ValueError, match="cannot be cut back"):
+        cache.fork(5)

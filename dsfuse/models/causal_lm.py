@@ -41,6 +41,7 @@ class CausalLMConfig:
 
 
 class CausalLM(nn.Module):
+    rewinds_cache = True  # fork_cache may cut a cache back to any length
     def __init__(self, cfg: CausalLMConfig):
         super().__init__()
         self.cfg = cfg

@@ -38,6 +38,8 @@ class V4LMConfig(CausalLMConfig):
 
 
 class V4CausalLM(CausalLM):
+    rewinds_cache = False  # its compressors' state only moves forward: a cache forks whole, or starts empty
+
     def __init__(self, cfg: V4LMConfig):
         super().__init__(cfg)
         self.hc_head = HyperHead(cfg.dim, cfg.hyper, cfg.norm_eps)

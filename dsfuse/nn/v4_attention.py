@@ -17,7 +17,7 @@ compressed rows, outside the local window.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,15 @@ class V4Cache:
         self.window_kv = keys[:, :, keys.shape[2] - min(window - 1, keys.shape[2]):]
         self.length += kv.shape[2]
         return keys, start
+
+    def fork(self, length: int) -> V4Cache:
+        """A cache that grows on its own: empty (length 0) or a copy of this one (its length). The compressors'
+        state cannot be rewound to a point between (tokens of closed windows are gone)."""
+        if length == 0:
+            return V4Cache()
+        if length != self.length:
+            raise ValueError(f"a DeepSeek-V4 cache cannot be cut back from {self.length} tokens to {length}")
+        return replace(self, compressor=replace(self.compressor), indexer=replace(self.indexer))
 
     def nbytes(self) -> int:
         window = 0 if self.window_kv is None else self.window_kv.numel() * self.window_kv.element_size()
