@@ -122,6 +122,7 @@ def test_an_unknown_layer_type_is_one_line_from_the_shell(pair, tmp_path):
     assert_one_line_error(run_cli("moe-inspect", folder, "--text", "hello"), 2, "linear_attention")
 
 
+@pytest.mark.slow
 def test_moe_inspect_shows_hash_layers_and_the_sparse_pattern(pair, tmp_path):
     text = "The quick brown fox jumps over the lazy dog. " * 2
     proc = run_cli("moe-inspect", pair[2], "--text", text, "--json", "--plot", tmp_path / "load.png",
@@ -169,6 +170,7 @@ def test_a_text_beyond_the_context_is_refused(pair, tmp_path):
     assert inspect_model(str(folder), "The quick brown fox jumps", max_tokens=8, quiet=True)["tokens"] <= 8
 
 
+@pytest.mark.slow
 def test_chat_local_talks_with_a_v4_folder(pair, tmp_path):
     """chat --local on a V4 folder answers (its cache forks whole or starts again, never cut back)."""
     proc = run_cli("chat", "--local", pair[2], "Why is the sky blue?", "--json", "--max-tokens", "6",
