@@ -131,7 +131,13 @@ class V4Attention(nn.Module):
                 self.indexer = LightningIndexer(cfg.dim, cfg.q_lora_rank, cfg.index_heads, cfg.index_head_dim,
                                                 cfg.compress_rate, cfg.index_topk, self.rope, cfg.norm_eps)
         self.last_selection: torch.Tensor | None = None
-        self.last_outside_share = 0.0
+        self._mass = torch.zeros(2)  # the last forward's attention mass [outside the window, all]
+
+    @property
+    def last_outside_share(self) -> float:
+        """The share of the last forward's attention mass (sinks aside) on compressed rows (read on demand:
+        no device sync in the forward)."""
+        return float(self._mass[0] / self._mass[1].clamp_min(1e-12))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = True,
                 cache: V4Cache | None = None) -> torch.Tensor:
@@ -152,13 +158,12 @@ class V4Attention(nn.Module):
             if self.indexer is not None:
                 keys = self.indexer(x, cache.indexer if cache is not None else None)
                 extra = self._picked_rows(rows, keys, x, q_latent, positions, picks)
-        mass = torch.zeros(2, device=x.device)  # [outside the window, all]
+        mass = self._mass = torch.zeros(2, device=x.device)
 
         def tally(probs: torch.Tensor, n_local: int) -> None:
-            mass.add_(torch.stack([probs[..., n_local:].sum(), probs.sum()]))
+            mass.add_(torch.stack([probs[..., n_local:].sum(), probs.sum()]).detach())
         out = window_sink_attention(q, kv, offset, kv_start, cfg.window, self.sinks, cfg.head_dim ** -0.5, extra,
                                     cfg.chunk, tally)
-        self.last_outside_share = float(mass[0] / mass[1].clamp_min(1e-12))
         if picks:
             self.last_selection = torch.cat(picks, dim=1)
         out = rearrange(self.rope(out, positions, inverse=True), "b (g h) t d -> b t g (h d)", g=cfg.o_groups)
