@@ -9,7 +9,7 @@ import torch
 
 from dsfuse.nn.attention import AttentionConfig
 from dsfuse.nn.moe import (DISPATCHES, MoE, MoEConfig, balance_loss, moe_aux_loss, moe_layers, moe_naive,
-                           plan_dispatch, seq_balance_loss, z_loss)
+                           Router, plan_dispatch, seq_balance_loss, z_loss)
 from dsfuse.nn.transformer import TransformerBlock
 
 
@@ -139,3 +139,44 @@ def test_bad_configs_are_refused():
         MoEConfig(router="hash")
     with pytest.raises(ValueError, match="moe"):
         TransformerBlock(16, AttentionConfig(dim=16, n_heads=2), ffn="moe")
+
+
+@pytest.mark.parametrize("router", ["topk", "aux-free"])
+def test_group_limited_routing_chooses_within_the_best_groups(router):
+    torch.manual_seed(0)
+    grouped = Router(MoEConfig(dim=16, n_experts=16, top_k=4, router=router, n_groups=4, topk_groups=2))
+    free = Router(MoEConfig(dim=16, n_experts=16, top_k=4, router=router))
+    free.load_state_dict(grouped.state_dict())
+    x = torch.randn(256, 16)
+    ids = grouped(x).expert_ids
+    assert all(len(set(row.tolist())) <= 2 for row in ids // 4)  # experts from at most topk_groups groups
+    assert not torch.equal(ids.sort(-1).values, free(x).expert_ids.sort(-1).values)  # the limit binds
+
+
+def test_gate_weights_can_be_renormalised_and_scaled():
+    torch.manual_seed(0)
+    x = torch.randn(32, 16)
+    plain = Router(MoEConfig(dim=16, n_experts=8, top_k=2))
+    scaled = Router(MoEConfig(dim=16, n_experts=8, top_k=2, norm_topk=True, route_scale=2.5))
+    scaled.load_state_dict(plain.state_dict())
+    a, b = plain(x), scaled(x)
+    assert torch.equal(a.expert_ids, b.expert_ids)
+    assert torch.allclose(b.weights, 2.5 * a.weights / a.weights.sum(-1, keepdim=True))
+    assert torch.allclose(b.weights.sum(-1), torch.full((32,), 2.5))
+
+
+def test_a_gated_shared_expert_of_its_own_width():
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(dim=16, n_experts=4, top_k=1, n_shared=0, expert_hidden=8, shared_hidden=24,
+                          shared_gate=True)).eval()
+    assert layer.shared.w1.weight.shape == (24, 16)
+    x = torch.randn(10, 16)
+    with torch.no_grad():
+        layer.shared_gate.weight.zero_()  # sigmoid(0): half the shared expert's output
+        half = layer(x)
+        layer.shared_gate = None
+        ungated = layer(x)
+        layer.shared = None
+        routed_only = layer(x)
+    assert torch.allclose(half - routed_only, (ungated - routed_only) / 2, atol=1e-6)
+    assert not torch.allclose(ungated, routed_only)

@@ -66,8 +66,8 @@ def test_streaming_keeps_one_decoder_layer_resident(v3):
 def test_compare_two_texts_as_json_from_stdin(v3, tmp_path):
     code = tmp_path / "code.py"
     code.write_text("def add(a, b):\n    return a + b\n" * 3)
-    proc = run_cli("moe-inspect", v3, "--compare", code, "-", "--json", "--plot", tmp_path / "compare.png",
-                   input=PROSE)
+    proc = run_cli("moe-inspect", v3, "--text", code, "--compare", "-", "--json", "--plot",
+                   tmp_path / "compare.png", input=PROSE)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["text"] == str(code) and result["compare"]["text_b"] == "stdin"

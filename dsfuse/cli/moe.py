@@ -18,11 +18,11 @@ from dsfuse.report import console, emit_json, print_table
 def moe_inspect(
     model: Annotated[str | None, typer.Argument(
         help="A Hugging Face model folder or Hub id (owner/name) with MoE layers, routed on --text.")] = None,
-    text: Annotated[str | None, typer.Option(
+    text: Annotated[Path | None, typer.Option(
         "--text", "-t", help="With MODEL: a UTF-8 text file, - for stdin, or the text itself.")] = None,
-    compare: Annotated[tuple[str, str] | None, typer.Option(
-        "--compare", help="With MODEL: two texts (files, or the texts): which experts each prefers, per layer.")
-    ] = None,
+    compare: Annotated[Path | None, typer.Option(
+        "--compare", help="With MODEL: a second text (file, -, or the text) to compare --text with: which "
+                          "experts each prefers, per layer.")] = None,
     routes_out: Annotated[Path | None, typer.Option(
         "--routes-out", help="With MODEL: JSON Lines, one record per token and layer (experts, weights).")] = None,
     attention: Annotated[Path | None, typer.Option(
@@ -92,18 +92,20 @@ def moe_inspect(
         console.print(f"load heatmap: {plot}")
 
 
-def inspect_model(model: str, text: str | None, compare: tuple[str, str] | None, routes_out: Path | None,
-                  attention: Path | None, dtype: ComputeDtype, max_tokens: int, plot: Path | None, json: bool, quiet: bool, force: bool,
+def inspect_model(model: str, text: Path | None, compare: Path | None, routes_out: Path | None,
+                  attention: Path | None, dtype: ComputeDtype, max_tokens: int, plot: Path | None, json: bool,
+                  quiet: bool, force: bool,
                   given: list[str]) -> None:
     """moe-inspect MODEL: route real text through a real model and print the per-layer table."""
     from dsfuse.tasks.model_routing import inspect_model as inspect
 
     if given:
         raise UsageError(f"{given[0]} does not go with a MODEL", given[0])
-    if (text is None) == (compare is None):
-        raise UsageError("give MODEL one --text, or two texts with --compare", "--text")
-    result = inspect(model, text or "", compare=compare, dtype=dtype, max_tokens=max_tokens, plot=plot,
-                     routes_out=routes_out, attention=attention, force=force, quiet=quiet)
+    if text is None:
+        raise UsageError("MODEL needs --text (a file, - for stdin, or the text itself)", "--text")
+    result = inspect(model, str(text), compare=None if compare is None else str(compare), dtype=dtype,
+                     max_tokens=max_tokens, plot=plot, routes_out=routes_out, attention=attention, force=force,
+                     quiet=quiet)
     if json:
         emit_json(result)
         return

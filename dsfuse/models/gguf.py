@@ -1,4 +1,5 @@
-"""Read a Llama-architecture GGUF file (llama.cpp's format) into dsfuse's `Llama` and a `tokenizers` tokenizer.
+"""Read a Llama- or Qwen2-architecture GGUF file (llama.cpp's format) into dsfuse's `Llama` and a
+`tokenizers` tokenizer.
 
 Quantized tensors (Q4_1, Q8_0, ...) are dequantized to float32 with the `gguf` package. The BPE
 tokenizer is rebuilt from the vocabulary and merges stored in the file. Parsing and dequantizing
@@ -19,6 +20,10 @@ from dsfuse.errors import UsageError
 from dsfuse.models.llama import Llama, LlamaConfig
 
 CONTROL_TOKEN = 3  # llama.cpp's token type for special tokens such as <|im_start|>
+ARCHITECTURES = ("llama", "qwen2")
+# Qwen2's pre-tokenizer split (its tokenizer.json's), applied before the byte-level mapping
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def cache_dir() -> Path:
@@ -32,20 +37,21 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
 
 def read_config(reader: Any) -> LlamaConfig:
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise UsageError(f"expected a llama-architecture GGUF, got {arch!r}")
+    if arch not in ARCHITECTURES:
+        raise UsageError(f"expected a {' or '.join(ARCHITECTURES)}-architecture GGUF, got {arch!r}")
     names = {t.name for t in reader.tensors}
     return LlamaConfig(
         vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
-        dim=int(_field(reader, "llama.embedding_length")),
-        n_layers=int(_field(reader, "llama.block_count")),
-        n_heads=int(_field(reader, "llama.attention.head_count")),
-        n_kv_heads=int(_field(reader, "llama.attention.head_count_kv")),
-        ffn_hidden=int(_field(reader, "llama.feed_forward_length")),
-        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        max_seq_len=int(_field(reader, "llama.context_length", 4096)),
+        dim=int(_field(reader, f"{arch}.embedding_length")),
+        n_layers=int(_field(reader, f"{arch}.block_count")),
+        n_heads=int(_field(reader, f"{arch}.attention.head_count")),
+        n_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv")),
+        ffn_hidden=int(_field(reader, f"{arch}.feed_forward_length")),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        max_seq_len=int(_field(reader, f"{arch}.context_length", 4096)),
         tie_embeddings="output.weight" not in names,
+        qkv_bias="blk.0.attn_q.bias" in names,
     )
 
 
@@ -55,12 +61,14 @@ def _unpermute_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def state_dict_from_gguf(reader: Any, cfg: LlamaConfig) -> dict[str, torch.Tensor]:
-    """GGUF tensor names and layouts -> `Llama` parameter names, dequantized to float32."""
+    """GGUF tensor names and layouts -> `Llama` parameter names, dequantized to float32. llama.cpp
+    interleaves a llama's q/k rows for its RoPE (undone here); qwen2's it keeps as they were."""
     from gguf.quants import dequantize
 
-    block = {"attn_norm": "attn_norm.weight", "attn_q": "attn.wq.weight", "attn_k": "attn.wk.weight",
-             "attn_v": "attn.wv.weight", "attn_output": "attn.wo.weight", "ffn_norm": "ffn_norm.weight",
-             "ffn_gate": "ffn.w1.weight", "ffn_up": "ffn.w3.weight", "ffn_down": "ffn.w2.weight"}
+    block = {"attn_norm": "attn_norm", "attn_q": "attn.wq", "attn_k": "attn.wk", "attn_v": "attn.wv",
+             "attn_output": "attn.wo", "ffn_norm": "ffn_norm", "ffn_gate": "ffn.w1", "ffn_up": "ffn.w3",
+             "ffn_down": "ffn.w2"}
+    interleaved = _field(reader, "general.architecture") == "llama"
     top = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight"}
     state = {}
     for tensor in reader.tensors:
@@ -68,12 +76,12 @@ def state_dict_from_gguf(reader: Any, cfg: LlamaConfig) -> dict[str, torch.Tenso
         if tensor.name in top:
             name = top[tensor.name]
         else:
-            _, layer, part, _ = tensor.name.split(".")
-            if part == "attn_q":
+            _, layer, part, kind = tensor.name.split(".")
+            if interleaved and part == "attn_q":
                 weight = _unpermute_rope(weight, cfg.n_heads)
-            elif part == "attn_k":
+            elif interleaved and part == "attn_k":
                 weight = _unpermute_rope(weight, cfg.n_kv_heads)
-            name = f"layers.{layer}.{block[part]}"
+            name = f"layers.{layer}.{block[part]}.{kind}"
         state[name] = torch.from_numpy(np.ascontiguousarray(weight))
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
@@ -82,7 +90,7 @@ def state_dict_from_gguf(reader: Any, cfg: LlamaConfig) -> dict[str, torch.Tenso
 
 def tokenizer_from_gguf(reader: Any) -> Any:
     """A byte-level BPE `tokenizers.Tokenizer` from the GGUF's vocabulary, merges and special tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     if _field(reader, "tokenizer.ggml.model") != "gpt2":
         raise UsageError(f"only byte-level BPE (gpt2) tokenizers are supported, got {_field(reader, 'tokenizer.ggml.model')!r}")
@@ -90,9 +98,14 @@ def tokenizer_from_gguf(reader: Any) -> Any:
     types = _field(reader, "tokenizer.ggml.token_type")
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
     tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    # SmolLM2 ("smollm" pre-tokenizer) splits digits one by one before the GPT-2 byte-level regex.
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if _field(reader, "tokenizer.ggml.pre") == "qwen2":
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:  # SmolLM2 ("smollm") splits digits one by one before the GPT-2 byte-level regex
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                   for t, kind in zip(tokens, types) if kind == CONTROL_TOKEN])

@@ -61,8 +61,8 @@ class WeightFiles:
         return self._handles[shard]
 
     def release(self) -> None:
-        """Close the shards: the pages read through their mappings stop counting as this process's memory
-        (tensors taken as they are keep their own mapping alive)."""
+        """Close the shards: once no tensor read from them is left, the pages read through their
+        mappings stop counting as this process's memory."""
         self._handles.clear()
 
     def get(self, name: str) -> torch.Tensor:
@@ -123,6 +123,8 @@ def load_module(folder: ModelFolder, module: nn.Module, prefix: str = "",
             shapes = sorted({tuple(t.shape) for t in tensors})
             raise UsageError(f"tensor {source.names[0]} has shape {', '.join(map(str, shapes))}, which does not fit "
                              f"the config ({prefix + key} needs {tuple(target.shape)})", folder.path)
+        if any(tensor is t for t in tensors):  # its own memory, so the shard's mapping can be let go
+            tensor = tensor.clone()
         state[key] = tensor if dtype is None else tensor.to(dtype)
     module.load_state_dict(state, strict=True, assign=True)
     folder.weights.release()
@@ -131,7 +133,13 @@ def load_module(folder: ModelFolder, module: nn.Module, prefix: str = "",
 
 def load_model(folder: ModelFolder, dtype: torch.dtype | None = None) -> nn.Module:
     """The whole model, in eval mode on the CPU."""
-    model = load_module(folder, skeleton(folder), dtype=dtype)
+    model = skeleton(folder)
+    for name, child in model.named_children():  # module by module: each one's reading pages are let go
+        if name == "layers":
+            for i, layer in enumerate(child):
+                load_module(folder, layer, f"layers.{i}.", dtype)
+        elif name != "lm_head" or not folder.config.tie_embeddings:
+            load_module(folder, child, f"{name}.", dtype)
     if folder.config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     return model

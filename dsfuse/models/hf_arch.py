@@ -85,11 +85,22 @@ class Architecture:
         where, gate, up, down = self.experts
         name = prefix + where + ".{e}.{proj}.weight"
         if which == "w2":  # [E, hidden, dim] from down [dim, hidden] each
-            return Source(tuple(name.format(e=e, proj=down) for e in range(n)),
-                          lambda ts: torch.stack([t.T for t in ts]))
+            return Source(tuple(name.format(e=e, proj=down) for e in range(n)), lambda ts: _stack_transposed(ts, 1))
+        # [E, dim, 2 * hidden] from gate and up [hidden, dim] each
         names = tuple(name.format(e=e, proj=proj) for e in range(n) for proj in (gate, up))
-        # [E, dim, 2 * hidden] from gate and up [hidden, dim] each (stacking copies once, contiguous)
-        return Source(names, lambda ts: torch.stack([torch.cat(ts[i:i + 2]).T for i in range(0, len(ts), 2)]))
+        return Source(names, lambda ts: _stack_transposed(ts, 2))
+
+
+def _stack_transposed(tensors: list[torch.Tensor], per_expert: int) -> torch.Tensor:
+    """Experts' [out, in] matrices as one contiguous [E, in, per_expert * out] tensor, copied straight
+    into place (no intermediate copies: the sources may be memory-mapped)."""
+    rows, cols = tensors[0].shape
+    if any(t.shape != (rows, cols) for t in tensors):
+        raise RuntimeError("experts differ in shape")
+    out = torch.empty(len(tensors) // per_expert, cols, per_expert * rows, dtype=tensors[0].dtype)
+    for i, t in enumerate(tensors):
+        out[i // per_expert, :, (i % per_expert) * rows:(i % per_expert + 1) * rows].copy_(t.T)
+    return out
 
 
 def _deinterleave(module: str, attention: AttentionConfig) -> Callable[[list[torch.Tensor]], torch.Tensor]:

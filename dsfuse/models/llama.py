@@ -1,4 +1,4 @@
-"""A Llama-architecture decoder (SmolLM2, Llama 2/3) as read from GGUF files and dsfuse checkpoints:
+"""A Llama-architecture decoder (SmolLM2, Llama 2/3, Qwen2) as read from GGUF files and dsfuse checkpoints:
 the generic `CausalLM` with grouped-query attention and SwiGLU, configured by `LlamaConfig`.
 
 token embedding -> n_layers x [RMSNorm -> GQA with RoPE -> + ; RMSNorm -> SwiGLU -> +] -> RMSNorm -> logits.
@@ -26,10 +26,11 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     max_seq_len: int = 8192
     tie_embeddings: bool = True
+    qkv_bias: bool = False  # Qwen2
 
     def causal_lm(self) -> CausalLMConfig:
         attention = AttentionConfig(dim=self.dim, n_heads=self.n_heads, kind="gqa", n_kv_heads=self.n_kv_heads,
-                                    rope_theta=self.rope_theta)
+                                    rope_theta=self.rope_theta, qkv_bias=self.qkv_bias)
         return CausalLMConfig(vocab_size=self.vocab_size, dim=self.dim, n_layers=self.n_layers, attention=attention,
                               ffn_hidden=self.ffn_hidden, norm_eps=self.norm_eps, tie_embeddings=self.tie_embeddings,
                               max_seq_len=self.max_seq_len)

@@ -131,19 +131,21 @@ def write_routes(all_routes: list[TextRoutes], path: Path) -> Path:
     return path
 
 
-def inspect_model(model: str, text: str, *, compare: tuple[str, str] | None = None, dtype: ComputeDtype = "auto",
+def inspect_model(model: str, text: str, *, compare: str | None = None, dtype: ComputeDtype = "auto",
                   max_tokens: int = 4096, plot: Path | None = None, routes_out: Path | None = None,
                   attention: Path | None = None, force: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Route `text` (or both texts of `compare`) through `model`: per-layer statistics and, asked for,
-    a heatmap (or the comparison plot), the routes file and DeepSeek-V4's attention report (`attention`:
-    the sparse-pattern picture). Every output is checked before any work."""
+    """Route `text` (and the `compare` text) through `model`: per-layer statistics and, asked for, a
+    heatmap (or the comparison plot), the routes file and DeepSeek-V4's attention report (`attention`: the
+    sparse-pattern picture). Every output is checked before any work."""
     for path in (plot, routes_out, attention):
         if path is not None:
             check_writable(path, force)
     for path in (plot, attention):
         if path is not None and path.suffix.lower() != ".png":
             raise UsageError("the picture is a PNG: give a path ending in .png", path)
-    texts = [read_text(t) for t in (compare or (text,))]
+    texts = [read_text(t) for t in (text, compare) if t is not None]
+    if len(texts) == 2 and texts[0][1] == texts[1][1] == "stdin":
+        raise UsageError("stdin can be only one of the two texts", "--compare")
     folder = ModelFolder(model_folder(model, quiet=quiet))
     tokenizer = folder.tokenizer()
     routes = [route_text(folder, tokenizer, t, source, DTYPES[dtype], max_tokens, quiet) for t, source in texts]
