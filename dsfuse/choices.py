@@ -9,7 +9,11 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 Fusion = Literal["none", "early", "mid", "late", "gated", "bottleneck", "qformer", "hybrid"]
-Router = Literal["topk", "noisy", "aux-free"]
+Router = Literal["topk", "noisy", "aux-free"]  # the routers a fresh or trained layer uses
+MoERouter = Literal[Router, "hash"]  # and a released model's: DeepSeek-V4's token-id hash
+Affinity = Literal["sigmoid", "sqrtsoftplus"]
+V4Attention = Literal["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"]
+V4Mlp = Literal["hash_moe", "moe"]
 Balancing = Literal["aux-loss", "aux-free", "none"]
 Sampler = Literal["ddpm", "ddim", "dpm++"]
 Schedule = Literal["linear", "cosine", "sigmoid"]

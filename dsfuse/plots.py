@@ -110,6 +110,23 @@ def plot_load_heatmap(rows: Sequence[Mapping[str, Any]], path: str | Path, title
     return save_figure(fig, path)
 
 
+def plot_sparse_pattern(layers: Sequence[Mapping[str, Any]], path: str | Path, title: str) -> Path:
+    """DeepSeek-V4's compressed attention over the context: per layer (`layer`, `type`, `pattern` [queries,
+    rows] of 0/1, `outside_window`), which compressed rows each query attended to (CSA: the indexer's picks;
+    HCA: every closed row)."""
+    fig, axes = subplots(1, len(layers), figsize=(1 + 3.6 * len(layers), 4.2), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        ax.imshow(layer["pattern"], aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+        kind = "CSA" if layer["type"] == "compressed_sparse_attention" else "HCA"
+        ax.set_title(f"{layer['layer']} {kind}: {100 * layer['outside_window']:.1f}% of mass outside the window",
+                     fontsize=8)
+        ax.set_xlabel("compressed row")
+        ax.set_ylabel("query token")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
 def plot_route_compare(rows: Sequence[Mapping[str, Any]], path: str | Path, name_a: str, name_b: str) -> Path:
     """Two texts through one model: the Jensen-Shannon divergence of each layer's expert shares (left),
     and share(A) - share(B) per layer and expert (right: red experts prefer A, blue prefer B)."""

@@ -41,10 +41,10 @@ def test_the_lower_floors_accept_exactly_the_declared_choices():
     from dsfuse.nn.moe import MoEConfig
 
     assert tuple(STRATEGIES) == choices.values(choices.Fusion)  # "none" included: fusion is optional
-    for router in choices.values(choices.Router):
-        MoEConfig(dim=8, n_experts=4, top_k=2, router=router)
-    with pytest.raises(ValueError, match="router must be one of topk, noisy, aux-free"):
-        MoEConfig(dim=8, n_experts=4, top_k=2, router="hash")
+    for router in choices.values(choices.MoERouter):
+        MoEConfig(dim=8, n_experts=4, top_k=2, router=router, vocab_size=16)
+    with pytest.raises(ValueError, match="router must be one of topk, noisy, aux-free, hash"):
+        MoEConfig(dim=8, n_experts=4, top_k=2, router="sinkhorn")
     for name in choices.values(choices.Schedule):
         NoiseSchedule.make(name, 10)
     for name in choices.values(choices.Objective):

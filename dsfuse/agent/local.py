@@ -213,6 +213,8 @@ class LocalBackend:
             if a != b:
                 break
             shared += 1
+        if shared < len(cached.ids) and not getattr(self.model, "rewinds_cache", True):
+            shared = 0  # DeepSeek-V4: a cache cannot be cut back, so the prompt is computed again
         context = self._fork(cached, shared)
         self._feed(context, prompt_ids[shared:])
         self.prompt_cache = self._fork(context)

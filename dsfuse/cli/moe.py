@@ -25,6 +25,9 @@ def moe_inspect(
                           "experts each prefers, per layer.")] = None,
     routes_out: Annotated[Path | None, typer.Option(
         "--routes-out", help="With MODEL: JSON Lines, one record per token and layer (experts, weights).")] = None,
+    attention: Annotated[Path | None, typer.Option(
+        "--attention", help="With a DeepSeek-V4 MODEL: PNG of the compressed rows each query attended to; the "
+                            "table adds each layer's attention mass outside the local window.")] = None,
     dtype: Annotated[ComputeDtype, typer.Option(
         "--dtype", help="With MODEL: the compute dtype (auto: the checkpoint's).")] = "auto",
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="With MODEL: route at most this many tokens "
@@ -59,16 +62,18 @@ def moe_inspect(
 
     Example: dsfuse moe-inspect --experts 64 --top-k 6 --router aux-free --plot load.png
     Example: dsfuse moe-inspect deepseek-ai/DeepSeek-V2-Lite --text essay.txt --plot load.png
+    Example: dsfuse moe-inspect ./deepseek-v4-folder --text essay.txt --attention sparse.png
     """
     from dsfuse.device import seed_everything, select_device
     from dsfuse.tasks import moe
 
     if model is not None:
-        inspect_model(model, text, compare, routes_out, dtype, max_tokens, plot, json, quiet, force,
+        inspect_model(model, text, compare, routes_out, attention, dtype, max_tokens, plot, json, quiet, force,
                       select_device(device),
                       given=[flag for flag, value in (("--checkpoint", checkpoint), ("--input", input)) if value])
         return
-    for flag, value in (("--text", text), ("--compare", compare), ("--routes-out", routes_out)):
+    for flag, value in (("--text", text), ("--compare", compare), ("--routes-out", routes_out),
+                        ("--attention", attention)):
         if value is not None:
             raise UsageError(f"{flag} needs a MODEL (a Hugging Face folder or Hub id)", flag)
 
@@ -89,8 +94,8 @@ def moe_inspect(
 
 
 def inspect_model(model: str, text: Path | None, compare: Path | None, routes_out: Path | None,
-                  dtype: ComputeDtype, max_tokens: int, plot: Path | None, json: bool, quiet: bool, force: bool,
-                  device: Any, given: list[str]) -> None:
+                  attention: Path | None, dtype: ComputeDtype, max_tokens: int, plot: Path | None, json: bool,
+                  quiet: bool, force: bool, device: Any, given: list[str]) -> None:
     """moe-inspect MODEL: route real text through a real model and print the per-layer table."""
     from dsfuse.tasks.model_routing import inspect_model as inspect
 
@@ -99,8 +104,8 @@ def inspect_model(model: str, text: Path | None, compare: Path | None, routes_ou
     if text is None:
         raise UsageError("MODEL needs --text (a file, - for stdin, or the text itself)", "--text")
     result = inspect(model, str(text), compare=None if compare is None else str(compare), dtype=dtype,
-                     max_tokens=max_tokens, plot=plot, routes_out=routes_out, force=force, quiet=quiet,
-                     device=device)
+                     max_tokens=max_tokens, plot=plot, routes_out=routes_out, attention=attention, force=force,
+                     quiet=quiet, device=device)
     if json:
         emit_json(result)
         return
@@ -115,7 +120,11 @@ def inspect_model(model: str, text: Path | None, compare: Path | None, routes_ou
                     ["layer", "JS divergence (bits)", "experts preferring A", "experts preferring B"],
                     [(r["layer"], f"{r['divergence']:.3f}", " ".join(map(str, r["prefers_a"])),
                       " ".join(map(str, r["prefers_b"]))) for r in c["layers"]])
-    for key, what in (("plot", "plot"), ("routes", "routes")):
+    if attention is not None:
+        print_table("compressed attention (DeepSeek-V4)", ["layer", "type", "rate", "rows", "mass outside window"],
+                    [(r["layer"], r["type"], r["rate"], r["rows"], f"{100 * r['outside_window']:.1f}%")
+                     for r in result["attention"]])
+    for key, what in (("plot", "plot"), ("routes", "routes"), ("attention_plot", "sparse pattern")):
         if key in result:
             console.print(f"{what}: {result[key]}")
 

@@ -41,6 +41,7 @@ class CausalLMConfig:
 
 
 class CausalLM(nn.Module):
+    rewinds_cache = True  # fork_cache may cut a cache back to any length
     def __init__(self, cfg: CausalLMConfig):
         super().__init__()
         self.cfg = cfg
@@ -57,6 +58,10 @@ class CausalLM(nn.Module):
         return TransformerBlock(self.cfg.dim, self.cfg.attention, ffn="moe" if moe else "swiglu",
                                 ffn_hidden=self.cfg.ffn_hidden, moe=self.cfg.moe if moe else None,
                                 norm_eps=self.cfg.norm_eps)
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """What the first layer takes from the embeddings [B, T, D]: here x itself (DeepSeek-V4: its streams)."""
+        return x
 
     def new_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]

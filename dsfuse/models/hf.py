@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from dsfuse.errors import UsageError
+from dsfuse.models import deepseek_v4  # noqa: F401  registers DeepseekV4ForCausalLM
 from dsfuse.models.causal_lm import CausalLMConfig
 from dsfuse.models.hf_arch import Architecture, architecture_of
 

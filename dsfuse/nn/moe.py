@@ -11,7 +11,10 @@ inspection: expert ids, kept assignments, loads, probabilities, the unweighted l
 
 Routers: "topk" (softmax, DeepSeek-V2/Switch), "noisy" (Shazeer et al. 2017: tunable Gaussian noise on
 the logits while training), "aux-free" (DeepSeek-V3: sigmoid affinities, top-k chosen on affinity +
-a per-expert bias that is nudged after every training forward towards equal loads; no gradient).
+a per-expert bias that is nudged after every training forward towards equal loads; no gradient), "hash"
+(DeepSeek-V4's first layers: a fixed token-id -> experts table `tid2eid` picks, the learned affinities
+weigh; the layer then needs `token_ids`). `affinity` (sigmoid or V4's sqrt-softplus) is the aux-free and
+hash routers' score.
 The options of released checkpoints: `norm_topk` (renormalise the k chosen weights), `route_scale`
 (DeepSeek's routed_scaling_factor), group-limited selection (`n_groups`/`topk_groups`: only experts of
 the best groups compete; a group scores by its best expert, or for "aux-free" by its two best biased
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsfuse import choices
-from dsfuse.nn.ffn import SwiGLU
+from dsfuse.nn.ffn import SwiGLU, swiglu
 
 DISPATCHES = ("sorted", "padded", "grouped")
 
@@ -46,7 +49,7 @@ class MoEConfig:
     top_k: int = 6
     n_shared: int = 2  # always-on experts, merged into one SwiGLU of n_shared * expert_hidden
     expert_hidden: int = 128
-    router: choices.Router = "topk"
+    router: choices.MoERouter = "topk"
     capacity_factor: float = 0.0  # 0: dropless; else each expert takes ceil(cf * tokens * k / experts)
     balance_weight: float = 0.01  # Switch-form load-balancing loss
     seq_balance_weight: float = 0.0  # DeepSeek-V3's sequence-wise balance loss
@@ -59,13 +62,19 @@ class MoEConfig:
     topk_groups: int = 1  # ... and a token chooses among the topk_groups best groups only
     shared_hidden: int | None = None  # the shared expert's width; None: n_shared * expert_hidden
     shared_gate: bool = False  # a sigmoid gate (Linear dim -> 1) on the shared expert's output
+    affinity: choices.Affinity = "sigmoid"  # aux-free and hash: the score each expert's weight comes from
+    vocab_size: int = 0  # hash: the token ids the table covers
+    swiglu_limit: float = 0.0  # clip the experts' gate and up projections (DeepSeek-V4); 0: off
 
     def __post_init__(self) -> None:
         if self.n_experts < 1:
             raise ValueError(f"n_experts must be at least 1, got {self.n_experts}")
         if not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"top_k must be between 1 and n_experts ({self.n_experts}), got {self.top_k}")
-        choices.check(self.router, choices.Router, "router")
+        choices.check(self.router, choices.MoERouter, "router")
+        choices.check(self.affinity, choices.Affinity, "affinity")
+        if self.router == "hash" and self.vocab_size < 1:
+            raise ValueError("the hash router needs vocab_size, the token ids its table covers")
         if self.dispatch not in DISPATCHES:
             raise ValueError(f"dispatch must be one of {', '.join(DISPATCHES)}, got {self.dispatch!r}")
         if self.capacity_factor < 0:
@@ -92,9 +101,9 @@ class MoEConfig:
 class SwiGLUExperts(nn.Module):
     """`n` SwiGLU experts stored as stacked weights, gate and up projections fused into one matmul."""
 
-    def __init__(self, n: int, dim: int, hidden: int):
+    def __init__(self, n: int, dim: int, hidden: int, limit: float = 0.0):
         super().__init__()
-        self.hidden = hidden
+        self.hidden, self.limit = hidden, limit
         self.w13 = nn.Parameter(torch.empty(n, dim, 2 * hidden).uniform_(-dim**-0.5, dim**-0.5))
         self.w2 = nn.Parameter(torch.empty(n, hidden, dim).uniform_(-hidden**-0.5, hidden**-0.5))
 
@@ -116,7 +125,7 @@ class SwiGLUExperts(nn.Module):
         """The same experts as separate SwiGLU modules (copies): the unfused form of the seed's loop."""
         modules = nn.ModuleList()
         for w13, w2 in zip(self.w13, self.w2):
-            expert = SwiGLU(w13.shape[0], self.hidden).to(w13)
+            expert = SwiGLU(w13.shape[0], self.hidden, limit=self.limit).to(w13)
             expert.w1.weight.copy_(w13[:, :self.hidden].T)
             expert.w3.weight.copy_(w13[:, self.hidden:].T)
             expert.w2.weight.copy_(w2.T)
@@ -125,7 +134,7 @@ class SwiGLUExperts(nn.Module):
 
     def _gated(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.split(self.hidden, dim=-1)
-        return F.silu(gate) * up
+        return swiglu(gate, up, self.limit)
 
 
 # --------------------------------------------------------------------------- routers
@@ -137,6 +146,17 @@ class Routing:
     expert_ids: torch.Tensor  # [N, k]
     weights: torch.Tensor  # [N, k] gate values multiplying each chosen expert's output
     log_norm: torch.Tensor  # [N] log-sum-exp of the logits (the router z-loss squares it)
+
+
+AFFINITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "sigmoid": torch.sigmoid, "sqrtsoftplus": lambda logits: F.softplus(logits).sqrt()}
+
+
+def hash_table(vocab_size: int, n_experts: int, top_k: int, seed: int = 0) -> torch.Tensor:
+    """A fixed token-id -> k distinct experts table [vocab, k] for a fresh hash router (a checkpoint brings
+    its own): a seeded shuffle of the ids, each id's k experts spread evenly round the ring of experts."""
+    shuffled = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))
+    return (shuffled[:, None] + torch.arange(top_k) * (n_experts // top_k)) % n_experts
 
 
 class Router(nn.Module):
@@ -153,12 +173,20 @@ class Router(nn.Module):
             nn.init.zeros_(self.noise.weight)  # start noiseless-but-trainable, as in Shazeer et al.
         if self.kind == "aux-free":
             self.register_buffer("bias", torch.zeros(cfg.n_experts))
+        if self.kind == "hash":
+            self.register_buffer("tid2eid", hash_table(cfg.vocab_size, cfg.n_experts, cfg.top_k))
+        self.affinity = AFFINITIES[cfg.affinity]
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> Routing:
         logits = F.linear(x.float(), self.gate.weight.float())
-        if self.kind == "aux-free":
-            affinity = torch.sigmoid(logits)
-            ids = self._choose(affinity + self.bias)  # the bias picks, never weighs
+        if self.kind in ("aux-free", "hash"):
+            affinity = self.affinity(logits)
+            if self.kind == "hash":
+                if token_ids is None:
+                    raise ValueError("the hash router routes by token id: pass token_ids")
+                ids = self.tid2eid[token_ids.reshape(-1)]
+            else:
+                ids = self._choose(affinity + self.bias)  # the bias picks, never weighs
             probs = affinity / affinity.sum(-1, keepdim=True)
             return Routing(logits, probs, ids, self._weigh(affinity.gather(-1, ids), x.dtype),
                            torch.logsumexp(logits, dim=-1))
@@ -335,16 +363,16 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = Router(cfg)
-        self.experts = SwiGLUExperts(cfg.n_experts, cfg.dim, cfg.expert_hidden)
-        self.shared = SwiGLU(cfg.dim, cfg.shared_width) if cfg.shared_width else None
+        self.experts = SwiGLUExperts(cfg.n_experts, cfg.dim, cfg.expert_hidden, cfg.swiglu_limit)
+        self.shared = SwiGLU(cfg.dim, cfg.shared_width, limit=cfg.swiglu_limit) if cfg.shared_width else None
         self.shared_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_gate and self.shared is not None else None
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.last_routing: RoutingRecord | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        routing = self.router(tokens)
+        routing = self.router(tokens, token_ids)
         plan = plan_dispatch(routing.expert_ids, self.cfg.n_experts, self.cfg.capacity(tokens.shape[0]))
         y = DISPATCH[self.cfg.dispatch](tokens, routing.weights, plan, self.experts)
         if self.shared is not None:

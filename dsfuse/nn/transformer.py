@@ -11,22 +11,27 @@ from torch import nn
 from dsfuse.nn.attention import AttentionConfig, CrossAttention, KVCache, build_attention
 from dsfuse.nn.checkpointing import Checkpointable
 from dsfuse.nn.ffn import SwiGLU
+from dsfuse.nn.hyper_connections import HyperConfig, HyperConnection
 from dsfuse.nn.moe import MoE, MoEConfig
+from dsfuse.nn.v4_attention import V4Attention, V4AttentionConfig, V4Cache
 
 
 class TransformerBlock(Checkpointable):
-    """Self-attention (any AttentionConfig kind), then a SwiGLU or DeepSeekMoE feed-forward, each behind
+    """Self-attention (any AttentionConfig kind, or DeepSeek-V4's for a V4AttentionConfig), then a SwiGLU or DeepSeekMoE feed-forward, each behind
     an RMSNorm. With ffn="moe", add `moe_aux_loss(model)` to the training loss. Under gradient
     checkpointing the block recomputes its activations in the backward pass; a MoE block recomputes its
-    attention only (its router updates its balancing bias as it runs, which must happen once)."""
+    attention only (its router updates its balancing bias as it runs, which must happen once).
 
-    def __init__(self, dim: int, attention: AttentionConfig, ffn: str = "swiglu", ffn_hidden: int | None = None,
-                 moe: MoEConfig | None = None, norm_eps: float = 1e-6):
+    With a `hyper` config the residual path is mHC (nn/hyper_connections): x holds n streams
+    [B, T, n, D] and each sub-layer sits in a HyperConnection instead of `x + f(x)` (no checkpointing)."""
+
+    def __init__(self, dim: int, attention: AttentionConfig | V4AttentionConfig, ffn: str = "swiglu",
+                 ffn_hidden: int | None = None, moe: MoEConfig | None = None, norm_eps: float = 1e-6, hyper: HyperConfig | None = None):
         super().__init__()
         if attention.dim != dim:
             raise ValueError(f"attention config has dim {attention.dim}, the block has {dim}")
         self.attn_norm = nn.RMSNorm(dim, eps=norm_eps)
-        self.attn = build_attention(attention)
+        self.attn = V4Attention(attention) if isinstance(attention, V4AttentionConfig) else build_attention(attention)
         self.ffn_norm = nn.RMSNorm(dim, eps=norm_eps)
         if ffn == "swiglu":
             self.ffn: nn.Module = SwiGLU(dim, ffn_hidden or 4 * dim)
@@ -36,13 +41,31 @@ class TransformerBlock(Checkpointable):
             self.ffn = MoE(moe)
         else:
             raise ValueError(f"ffn must be 'swiglu' or 'moe', got {ffn!r}")
+        self.attn_hc = HyperConnection(dim, hyper, norm_eps) if hyper is not None else None
+        self.ffn_hc = HyperConnection(dim, hyper, norm_eps) if hyper is not None else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | V4Cache | None = None, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`token_ids` [B, T] reach a hash-routed MoE (nn/moe), which routes by them."""
+        if self.attn_hc is not None or token_ids is not None:
+            return self._forward_unchecked(x, mask, causal, cache, token_ids)
         if cache is not None:  # decoding: no gradients to save memory for
             return self._feed_forward(x + self.attn(self.attn_norm(x), mask=mask, causal=causal, cache=cache))
         x = x + self.maybe_checkpoint(self._attend, x, mask, causal)
         return self._feed_forward(x) if isinstance(self.ffn, MoE) else self.maybe_checkpoint(self._feed_forward, x)
+
+    def _forward_unchecked(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                           cache: KVCache | V4Cache | None, token_ids: torch.Tensor | None) -> torch.Tensor:
+        """mHC streams and/or routing by token id (no checkpointing)."""
+        def attend(h: torch.Tensor) -> torch.Tensor:
+            return self.attn(self.attn_norm(h), mask=mask, causal=causal, cache=cache)
+
+        def feed_forward(h: torch.Tensor) -> torch.Tensor:
+            return self.ffn(self.ffn_norm(h), token_ids) if isinstance(self.ffn, MoE) else self.ffn(self.ffn_norm(h))
+        if self.attn_hc is not None:
+            return self.ffn_hc(self.attn_hc(x, attend), feed_forward)
+        x = x + attend(x)
+        return x + feed_forward(x)
 
     def _attend(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         return self.attn(self.attn_norm(x), mask=mask, causal=causal)

@@ -21,8 +21,10 @@ from dsfuse.hub import model_folder
 from dsfuse.io import atomic_path, check_writable
 from dsfuse.metrics import routing_divergence, routing_stats
 from dsfuse.models.hf import ModelFolder, load_module, skeleton, streamed_layers
+from dsfuse.nn.kv_compression import visible_rows
 from dsfuse.nn.moe import MoE, RoutingRecord
-from dsfuse.plots import plot_load_heatmap, plot_route_compare
+from dsfuse.nn.v4_attention import V4Attention
+from dsfuse.plots import plot_load_heatmap, plot_route_compare, plot_sparse_pattern
 from dsfuse.report import warn
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,6 +37,7 @@ class TextRoutes:
     source: str
     tokens: list[str]
     layers: list[tuple[str, RoutingRecord]]
+    attention: list[dict[str, Any]]  # DeepSeek-V4's compressed layers: see attention_facts
 
 
 def read_text(arg: str) -> tuple[str, str]:
@@ -66,6 +69,9 @@ def route_text(folder: ModelFolder, tokenizer: Any, text: str, source: str, dtyp
     if len(ids) > max_tokens:
         warn(f"{source}: {len(ids)} tokens, routing the first {max_tokens} (--max-tokens)", quiet)
         ids = ids[:max_tokens]
+    if len(ids) > folder.config.max_seq_len:
+        raise UsageError(f"{len(ids)} tokens, beyond the model's maximum context of {folder.config.max_seq_len} "
+                         "(route fewer with --max-tokens)", source)
     if max(ids) >= folder.config.vocab_size:
         raise UsageError(f"the tokenizer gives id {max(ids)}, beyond the model's vocabulary of "
                          f"{folder.config.vocab_size}", folder.path / "tokenizer.json")
@@ -74,17 +80,37 @@ def route_text(folder: ModelFolder, tokenizer: Any, text: str, source: str, dtyp
     device = device or torch.device("cpu")
     load_module(folder, model.embed, "embed.", dtype)
     with torch.inference_mode():
-        x = model.embed.to(device)(torch.tensor([ids], device=device))
+        token_ids = torch.tensor([ids], device=device)
+        x = model.enter(model.embed.to(device)(token_ids))
         model.embed.to("meta")
-        layers = []
+        layers, attention = [], []
         for i, layer in enumerate(streamed_layers(folder, model, dtype)):
             layer.to(device)
-            x = layer(x.to(next(layer.parameters()).dtype), causal=True)
-            if isinstance(layer.ffn, MoE):
-                layers.append((f"layer {i}", layer.ffn.last_routing))
+            x = layer(x.to(next(layer.parameters()).dtype), causal=True, token_ids=token_ids)
+            if isinstance(layer.ffn, MoE):  # a hash-routed layer's load is fixed by the text's token ids
+                hashed = " (hash)" if layer.ffn.router.kind == "hash" else ""
+                layers.append((f"layer {i}{hashed}", layer.ffn.last_routing))
+            if isinstance(layer.attn, V4Attention) and layer.attn.compressor is not None:
+                attention.append(attention_facts(f"layer {i}", layer.attn, len(ids)))
     if not layers:
         raise UsageError(f"the model ({folder.arch.name}) has no MoE layer", folder.path)
-    return TextRoutes(source, tokens, layers)
+    return TextRoutes(source, tokens, layers, attention)
+
+
+def attention_facts(name: str, attn: V4Attention, length: int) -> dict[str, Any]:
+    """A compressed V4 layer's last forward: its type, the share of attention mass outside the local window,
+    and `pattern` [queries, rows]: 1 where a query attended to a compressed row (CSA: the indexer's picks;
+    HCA: every row whose window had closed)."""
+    rate = attn.cfg.compress_rate
+    rows = length // rate
+    visible = torch.arange(rows)[None, :] < visible_rows(torch.arange(length), rate)[:, None]
+    if attn.indexer is not None:
+        picks = attn.last_selection[0].cpu()
+        pattern = torch.zeros(length, rows + 1).scatter_(1, picks.masked_fill(picks < 0, rows), 1.0)[:, :rows]
+    else:
+        pattern = visible.float()
+    return {"layer": name, "type": attn.cfg.layer_type, "rate": rate, "rows": rows,
+            "outside_window": attn.last_outside_share, "pattern": pattern.tolist()}
 
 
 def layer_rows(routes: TextRoutes) -> list[dict[str, Any]]:
@@ -109,14 +135,17 @@ def write_routes(all_routes: list[TextRoutes], path: Path) -> Path:
 
 def inspect_model(model: str, text: str, *, compare: str | None = None, dtype: ComputeDtype = "auto",
                   max_tokens: int = 4096, plot: Path | None = None, routes_out: Path | None = None,
-                  force: bool = False, quiet: bool = False, device: torch.device | None = None) -> dict[str, Any]:
+                  attention: Path | None = None, force: bool = False, quiet: bool = False,
+                  device: torch.device | None = None) -> dict[str, Any]:
     """Route `text` (and the `compare` text) through `model`: per-layer statistics and, asked for, a
-    heatmap (or the comparison plot) and the routes file. Every output is checked before any work."""
-    for path in (plot, routes_out):
+    heatmap (or the comparison plot), the routes file and DeepSeek-V4's attention report (`attention`: the
+    sparse-pattern picture). Every output is checked before any work."""
+    for path in (plot, routes_out, attention):
         if path is not None:
             check_writable(path, force)
-    if plot is not None and plot.suffix.lower() != ".png":
-        raise UsageError("the plot is a PNG: give a path ending in .png", plot)
+    for path in (plot, attention):
+        if path is not None and path.suffix.lower() != ".png":
+            raise UsageError("the picture is a PNG: give a path ending in .png", path)
     texts = [read_text(t) for t in (text, compare) if t is not None]
     if len(texts) == 2 and texts[0][1] == texts[1][1] == "stdin":
         raise UsageError("stdin can be only one of the two texts", "--compare")
@@ -141,4 +170,11 @@ def inspect_model(model: str, text: str, *, compare: str | None = None, dtype: C
         result["plot"] = str(plot_load_heatmap(rows, plot, f"expert load, {model} on {first.source}"))
     if routes_out is not None:
         result["routes"] = str(write_routes(routes, routes_out))
+    if attention is not None:
+        if not first.attention:
+            raise UsageError(f"--attention reports DeepSeek-V4's compressed attention; {folder.arch.name} has none",
+                             "--attention")
+        result["attention"] = [{k: v for k, v in layer.items() if k != "pattern"} for layer in first.attention]
+        result["attention_plot"] = str(plot_sparse_pattern(
+            first.attention, attention, f"compressed rows attended, {model} on {first.source}"))
     return result
