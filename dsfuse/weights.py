@@ -1,5 +1,6 @@
-"""The one resolver of pretrained weight files: an explicit file; else the standard cache (torch hub's
-`$TORCH_HOME/hub/checkpoints`, or the Hugging Face cache); else a download into that cache, when online.
+"""The one resolver of pretrained weights: an explicit file; else the standard cache (torch hub's
+`$TORCH_HOME/hub/checkpoints`, or the Hugging Face cache for whole model folders); else a download into
+that cache, when online.
 
 A download shows a progress bar, is checked against the expected hash when there is one (torchvision's
 convention: the file name ends in `-<first hex digits of its SHA-256>.pth`) and is written atomically,
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -133,26 +135,35 @@ def download(weights: WeightsFile, path: Path, quiet: bool = False) -> None:
         raise UsageError(f"download failed ({type(e).__name__})", where) from None
 
 
-def hub_file(repo_id: str, filename: str, revision: str | None = None, explicit: Path | None = None, *,
-             option: str) -> Path:
-    """A file of a Hugging Face Hub repository: `explicit`, else the Hub's cache, else downloaded into it
-    by huggingface_hub (which verifies it) when online."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+               "tokenizer.json", "tokenizer_config.json"]
 
-    if explicit is not None:
-        return explicit_file(explicit)
-    cached = try_to_load_from_cache(repo_id, filename, revision=revision)
-    if isinstance(cached, str):
-        return Path(cached)
-    if offline():
-        from huggingface_hub.constants import HF_HUB_CACHE
 
-        raise UsageError(f"pretrained weights not found and downloads are off ({'/'.join(OFFLINE_VARIABLES)}): "
-                         f"download {repo_id}/{filename} into the Hugging Face cache ({HF_HUB_CACHE})", option)
+def model_folder(name: str, quiet: bool = False) -> Path:
+    """The folder of model `name`: a local folder as it is; else a Hugging Face Hub id, found in the Hub's
+    cache or (when online) downloaded into it by huggingface_hub, which verifies each file."""
+    path = Path(name).expanduser()
+    if path.exists() or not HUB_ID.fullmatch(name):
+        if not path.exists():
+            raise UsageError("no such model folder (nor a Hugging Face Hub id, owner/name)", name)
+        return path
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.utils import disable_progress_bars
+
+    if quiet:
+        disable_progress_bars()
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision))
-    except Exception as e:
-        raise UsageError(f"cannot download {repo_id}/{filename} ({type(e).__name__})", option) from None
+        return Path(snapshot_download(name, allow_patterns=MODEL_FILES, local_files_only=offline()))
+    except LocalEntryNotFoundError:
+        why = (f"downloads are off ({'/'.join(OFFLINE_VARIABLES)})" if offline() else "the Hub cannot be reached")
+        raise UsageError(f"model {name} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}: "
+                         "download it once online, or give a local folder") from None
+    except RepositoryNotFoundError:
+        raise UsageError("no such model on the Hugging Face Hub (or it is private)", name) from None
+    except HfHubHTTPError as e:
+        raise UsageError(f"the Hugging Face Hub refused the download ({str(e).splitlines()[0][:120]})", name) from None
 
 
 def load_state_dict(path: Path) -> dict[str, Any]:

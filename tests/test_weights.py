@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dsfuse.errors import UsageError
-from dsfuse.weights import WeightsFile, hub_file, load_state_dict, resolve
+from dsfuse.weights import WeightsFile, load_state_dict, model_folder, resolve
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 GOOD_HASH = hashlib.sha256(PAYLOAD).hexdigest()[:8]
@@ -109,19 +109,19 @@ def test_an_explicit_file_wins_and_must_exist(tmp_path, cache):
         resolve(WeightsFile("http://127.0.0.1:9/w.pth"), tmp_path / "nope.pth", option="--weights")
 
 
-def test_hub_files_come_from_the_hugging_face_cache(tmp_path, monkeypatch):
+def test_a_hub_model_comes_from_the_hugging_face_cache_when_downloads_are_off(tmp_path, monkeypatch):
     import huggingface_hub.constants as hf
 
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("DSFUSE_OFFLINE", "1")
-    snapshot = tmp_path / "hf" / "models--org--speech" / "snapshots" / ("a" * 40)
+    snapshot = tmp_path / "hf" / "models--org--model" / "snapshots" / ("a" * 40)
     snapshot.mkdir(parents=True)
-    (snapshot / "model.pth").write_bytes(b"weights")
-    (tmp_path / "hf" / "models--org--speech" / "refs").mkdir()
-    (tmp_path / "hf" / "models--org--speech" / "refs" / "main").write_text("a" * 40)
-    assert hub_file("org/speech", "model.pth", option="--x") == snapshot / "model.pth"
-    with pytest.raises(UsageError, match="org/other/model.pth"):
-        hub_file("org/other", "model.pth", option="--x")
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hf" / "models--org--model" / "refs").mkdir()
+    (tmp_path / "hf" / "models--org--model" / "refs" / "main").write_text("a" * 40)
+    assert model_folder("org/model") == snapshot
+    with pytest.raises(UsageError, match="org/other is not in the Hugging Face cache .* downloads are off"):
+        model_folder("org/other")
 
 
 def test_an_unreadable_weights_file_is_refused_in_one_line(tmp_path):

@@ -173,7 +173,7 @@ class LocalBackend:
     def from_folder(cls, model: str, device: torch.device, temperature: float, top_p: float, max_new_tokens: int,
                     seed: int, quiet: bool = False) -> LocalBackend:
         """A Hugging Face model folder or Hub id on dsfuse's core, prompted with its own chat template."""
-        from dsfuse.hub import model_folder
+        from dsfuse.weights import model_folder
         from dsfuse.models.hf import ModelFolder, load_model
         from dsfuse.report import warn
 

@@ -17,7 +17,7 @@ import torch
 
 from dsfuse.choices import ComputeDtype
 from dsfuse.errors import UsageError
-from dsfuse.hub import model_folder
+from dsfuse.weights import model_folder
 from dsfuse.io import atomic_path, check_writable
 from dsfuse.metrics import routing_divergence, routing_stats
 from dsfuse.models.hf import ModelFolder, load_module, skeleton, streamed_layers
