@@ -27,6 +27,8 @@ SpeakerBy = Literal["name", "file", "all"]
 McpTransport = Literal["stdio", "http"]
 Precision = Literal["fp32", "bf16", "fp16"]
 TrainLogger = Literal["none", "tensorboard"]
+UnifiedFusion = Literal["early", "parallel"]  # one shared stream, or the seed's parallel cross-attention
+AttentionVariant = Literal["mla", "differential"]
 
 
 def values(choice: object) -> tuple[str, ...]:
