@@ -15,7 +15,7 @@ from dsfuse.cli.common import (DebugOpt, DeviceOpt, EngineOpt, ForceOpt, JsonOpt
 @trainer
 def train_unified(
     data: Annotated[Path, typer.Argument(help="Folder of images with a caption each (x.png + x.txt, or captions.jsonl).")],
-    tokenizer: Annotated[Path, typer.Option("--tokenizer", help="A train-vqvae run: its codes are the image tokens (copied into the run).")],
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="A train-vqvae run: its codes are the image tokens (copied into the run; a new run needs it).")] = None,
     out: RunOutOpt = None,
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 2000,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.")] = 32,

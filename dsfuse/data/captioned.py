@@ -88,8 +88,10 @@ def write_captioned_set(out: Path, n_train: int, n_heldout: int, size: int, seed
         folder = out / split
         folder.mkdir()
         records = []
-        for i in range(count):
-            scene = scenes[i % len(scenes)] if i < len(scenes) else scenes[rng.integers(len(scenes))]
+        rounds = -(-count // len(scenes))  # every combination once per round, in a shuffled order
+        order = np.concatenate([rng.permutation(len(scenes)) for _ in range(rounds)] or [[]]).astype(int)[:count]
+        for i, pick in enumerate(order):
+            scene = scenes[pick]
             name = f"{i:05d}.png"
             with atomic_path(folder / name) as tmp:
                 Image.fromarray(render(scene, size, rng)).save(tmp, format="PNG")

@@ -52,7 +52,7 @@ class UnifiedOptions(runs.TrainOptions):
     """What `train-unified` takes."""
 
     data: Path
-    tokenizer: Path
+    tokenizer: Path | None = None  # a new run's VQ tokenizer; a resumed run uses its own copy
     steps: int = 2000
     batch_size: int = 32
     lr: float = 1e-3
@@ -309,10 +309,18 @@ def encode_captions(text: Any, captions: list[str], max_text: int, quiet: bool) 
 
 
 def start_run(options: UnifiedOptions, out: Path, resume: bool, explicit: Collection[str], device: torch.device
-              ) -> tuple[UnifiedOptions, CheckpointMeta | None]:
+              ) -> tuple[UnifiedOptions, CheckpointMeta | None, nn.Module]:
+    """The options, the checkpoint record (on resume) and the VQ tokenizer of the run: the one given for a
+    new run, the run's own copy on resume (another one given then is refused)."""
     if not resume:
-        return options, None
-    return runs.resume_options(options, out, KIND, explicit)
+        if options.tokenizer is None:
+            raise UsageError("a new run needs a train-vqvae run for its image tokens", "--tokenizer")
+        return options, None, load_tokenizer(options.tokenizer, device)
+    options, meta = runs.resume_options(options, out, KIND, explicit)
+    vq = load_tokenizer(out / TOKENIZER_FILE, device)
+    if options.tokenizer is not None and load_tokenizer(options.tokenizer, device).fingerprint() != vq.fingerprint():
+        raise UsageError("the run was trained on another tokenizer; --resume cannot change it", "--tokenizer")
+    return options, meta, vq
 
 
 def train(options: UnifiedOptions, out: Path, *, resume: bool = False, force: bool = False,
@@ -320,9 +328,7 @@ def train(options: UnifiedOptions, out: Path, *, resume: bool = False, force: bo
     """Train (or continue) a unified run in `out` on a captioned folder and a train-vqvae tokenizer."""
     options.check()
     torch_device = select_device(device)
-    options, meta = start_run(options, out, resume, explicit, torch_device)
-    vq_source = out / TOKENIZER_FILE if resume else options.tokenizer
-    vq = load_tokenizer(vq_source, torch_device)
+    options, meta, vq = start_run(options, out, resume, explicit, torch_device)
     paths, captions = read_training_set(options, quiet)
     text = load_bpe(out / TEXT_TOKENIZER_FILE) if resume else train_bpe(captions, options.text_vocab)
     codes = encode_images(vq, paths, torch_device, quiet)
