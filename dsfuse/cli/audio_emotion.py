@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from dsfuse.choices import FeedForward, Fusion, LabelScheme, SpeakerBy, SplitBy
-from dsfuse.cli.common import (CheckpointOpt, DebugOpt, DeviceOpt, EngineOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt,
+from dsfuse.cli.common import (CheckpointOpt, ContrastiveOpt, DebugOpt, DeviceOpt, EngineOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt,
                                RunOutOpt, SeedOpt, choice_metavar, command, expand_inputs, for_each_input,
                                given_options, report_training, tabulate_each_input, trainer)
 from dsfuse.report import console, emit_json, print_table
@@ -56,6 +56,7 @@ def train(
                                            help="Fuse the audio with the transcript beside each clip (clip.wav + "
                                                 "clip.txt) by this strategy; clips without one are left out.")
                       ] = "none",
+    contrastive: ContrastiveOpt = 0.0,
     resume: ResumeOpt = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -77,7 +78,8 @@ def train(
     options = task.SpeechEmotionOptions(
         data=data, labels=labels, split_by=split_by, heldout=heldout, heldout_fraction=heldout_fraction, steps=steps,
         batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed, dim=dim, depth=depth, ffn=ffn, n_mels=n_mels,
-        crop_seconds=crop_seconds, speaker_norm=speaker_norm, speaker_pattern=speaker_pattern, fusion=fusion, **engine)
+        crop_seconds=crop_seconds, speaker_norm=speaker_norm, speaker_pattern=speaker_pattern, fusion=fusion,
+        contrastive=contrastive, **engine)
     result, summary = task.train(options, run_dir_for(out, task.TASK, resume), resume=resume, force=force,
                                  explicit=given_options(), device=select_device(device), quiet=quiet)
     if not json and "f1" in summary:
