@@ -37,3 +37,10 @@ def caption(
 
 def register(app: typer.Typer) -> None:
     app.command("caption")(caption)
+
+
+def demo_steps(samples: Path, out: Path):
+    from dsfuse.cli.demo import DemoStep
+
+    return [DemoStep("caption", ["caption", str(out / "shapes" / "heldout"), "--checkpoint", str(out / "unified")],
+                     lambda r: f"{len(r)} captions, e.g. {r[0]['caption']!r}")]

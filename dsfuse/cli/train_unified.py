@@ -60,3 +60,14 @@ def train_unified(
 
 def register(app: typer.Typer) -> None:
     app.command("train-unified")(train_unified)
+
+
+def demo_steps(samples: Path, out: Path):
+    from dsfuse.cli.demo import DemoStep
+
+    run = out / "unified"
+    return [DemoStep("train-unified", ["train-unified", str(out / "shapes" / "train"), "--tokenizer",
+                                       str(out / "tokenizer" / "run"), "--out", str(run), "--steps", "10", "--dim",
+                                       "32", "--heads", "2", "--experts", "4", "--batch-size", "8",
+                                       "--sample-every", "0"],
+                     lambda r: f"{r[0]['step']} steps, token loss {r[0]['loss']:.2f}", [run])]
