@@ -222,7 +222,7 @@ def main() -> None:
         train_dir, heldout = root / "shapes" / "train", root / "shapes" / "heldout"
 
         vq_options = vq_task.TokenizerOptions(data=train_dir, image_size=16, downsample=4, codebook_size=64,
-                                              base_channels=32, latent_channels=8, steps=scaled(1600, s, 200),
+                                              base_channels=16, latent_channels=8, steps=scaled(1600, s, 200),
                                               batch_size=32, eval_every=0)
         _, vq_summary = vq_task.train(vq_options, root / "vq", device=str(device), quiet=True)
         results["tokenizer"] = {k: vq_summary.get(k) for k in ("psnr", "usage", "perplexity")}

@@ -38,6 +38,7 @@ from dsfuse.models.unified import UnifiedConfig, UnifiedModel
 from dsfuse.nn.attention import KVCache
 from dsfuse.nn.moe import moe_aux_loss, moe_layers
 from dsfuse.report import console, warn
+from dsfuse.tasks.diffusion import sample_output
 
 TASK = "unified"
 KIND = "unified"
@@ -423,10 +424,7 @@ def sample_prompt(checkpoint: str | Path, out: Path, options: PromptOptions, *, 
                   force: bool = False) -> dict[str, Any]:
     """Draw `n` images for the prompt into `out` (a folder: one PNG each plus grid.png; a .png: the grid)."""
     options.check()
-    grid_only = out.suffix.lower() == ".png"
-    grid_path = out if grid_only else out / "grid.png"
-    if not force and (grid_path.exists() or (not grid_only and out.is_dir() and any(out.glob("*.png")))):
-        raise UsageError("output exists; pass --force to overwrite it", out)
+    grid_path = sample_output(out, force)
     run = load_unified(checkpoint, select_device(device))
     prompt = run.encode_text(options.prompt)
     seed_everything(options.seed)
@@ -438,7 +436,7 @@ def sample_prompt(checkpoint: str | Path, out: Path, options: PromptOptions, *, 
                            top_k=options.top_k, top_p=options.top_p, generator=generator)
         images.append(decode_images(run, codes))
     images = torch.cat(images)
-    files = [] if grid_only else [str(save_png(im, out / f"{i:03d}.png")) for i, im in enumerate(images)]
+    files = [] if grid_path == out else [str(save_png(im, out / f"{i:03d}.png")) for i, im in enumerate(images)]
     save_grid(images, grid_path)
     return {"out": str(out), "grid": str(grid_path), "files": files, "n": options.n, "prompt": options.prompt,
             "guidance": options.guidance, "temperature": options.temperature, "top_k": options.top_k,
