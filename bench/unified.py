@@ -56,21 +56,26 @@ def scaled(n: int, scale: float, least: int = 1) -> int:
 
 # --------------------------------------------------------------------------- the attribute judge
 
-class AttributeJudge(nn.Module):
-    """A small CNN naming the shape and the colour of an image: logits per attribute."""
+def small_cnn(channels: int, classes: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(64, classes))
 
-    def __init__(self, size: int):
+
+class AttributeJudge(nn.Module):
+    """Names the shape and the colour of an image: logits per attribute. The shape is read from the
+    silhouette alone (no colour), so the judge cannot name a shape by the colour it came with in training:
+    held-out pairs combine them differently."""
+
+    def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                                      nn.Flatten())
-        self.shape = nn.Linear(64, len(ATTRIBUTES["shape"]))
-        self.colour = nn.Linear(64, len(ATTRIBUTES["colour"]))
+        self.shape = small_cnn(1, len(ATTRIBUTES["shape"]))
+        self.colour = small_cnn(3, len(ATTRIBUTES["colour"]))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.features(x)
-        return self.shape(h), self.colour(h)
+        silhouette = (x.amax(1, keepdim=True) > -0.4).float()  # background is dark: any bright channel is shape
+        return self.shape(silhouette), self.colour(x)
 
 
 def labelled(folder: Path, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
@@ -84,7 +89,7 @@ def labelled(folder: Path, size: int) -> tuple[torch.Tensor, torch.Tensor, torch
 
 def train_judge(images, shapes, colours, steps: int, device: torch.device, run_dir: Path) -> AttributeJudge:
     seed_everything(0)
-    judge = AttributeJudge(images.shape[-1])
+    judge = AttributeJudge()
 
     def loss_fn(model, batch):
         x, s, c = batch
@@ -229,7 +234,7 @@ def main() -> None:
         console.print(f"tokenizer: PSNR {vq_summary.get('psnr', 0):.1f} dB, {time.perf_counter() - t0:.0f}s")
 
         images, shapes, colours, seen_captions = labelled(train_dir, 16)
-        judge = train_judge(images, shapes, colours, scaled(1200, s, 150), device, root / "judge")
+        judge = train_judge(images, shapes, colours, scaled(1500, s, 400), device, root / "judge")
         results["judge_on_heldout_real"] = judged(judge, *labelled(heldout, 16)[:3])
         console.print(f"judge on held-out real images: {results['judge_on_heldout_real']}")
 
