@@ -217,6 +217,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="Also write the numbers here.")
     args = parser.parse_args()
     device = select_device(args.device)
+    if device.type == "cpu":  # models this small lose more to thread hand-offs than they gain (as train-moe finds)
+        torch.set_num_threads(1)
     s = args.scale
     results: dict = {"scale": s, "device": str(device)}
     with tempfile.TemporaryDirectory() as tmp:

@@ -352,9 +352,15 @@ def train(options: UnifiedOptions, out: Path, *, resume: bool = False, force: bo
     train_cfg = TrainConfig.of(options, quiet=quiet, eval_every=options.sample_every,
                                checkpoint_every=options.sample_every, precision=options.precision or "fp32")
     unified = UnifiedRun(model, text, vq)
-    result = fit(model, TensorDataset(codes, texts), next_token_loss(options.caption_dropout), train_cfg, run_dir,
-                 meta=CheckpointMeta.of(KIND, cfg, options=options.record()), device=torch_device, resume=resume,
-                 evaluate=preview_evaluator(unified, codes[:PREVIEW], captions[:PREVIEW], run_dir, options.seed))
+    threads = torch.get_num_threads()
+    if torch_device.type == "cpu":  # matrices this small lose more to thread hand-offs than they gain (train-moe)
+        torch.set_num_threads(1)
+    try:
+        result = fit(model, TensorDataset(codes, texts), next_token_loss(options.caption_dropout), train_cfg, run_dir,
+                     meta=CheckpointMeta.of(KIND, cfg, options=options.record()), device=torch_device, resume=resume,
+                     evaluate=preview_evaluator(unified, codes[:PREVIEW], captions[:PREVIEW], run_dir, options.seed))
+    finally:
+        torch.set_num_threads(threads)
     return result, {"loss": result.metrics.get("token_loss"), "images": len(paths),
                     "caption_match": result.metrics.get("eval_caption_match"),
                     "samples": str(run_dir / "samples.png"), "captions": str(run_dir / "captions.jsonl"),
