@@ -127,15 +127,22 @@ def matched_expert_hidden(options: unified.UnifiedOptions, text_vocab: int, vq: 
     return min(range(options.expert_hidden, 8 * options.expert_hidden + 1), key=lambda h: abs(count(h) - target))
 
 
-def evaluate_run(run_dir: Path, heldout: Path, seen_captions: list[str], judge: AttributeJudge,
-                 device: torch.device) -> dict:
-    run = unified.load_unified(run_dir, device)
-    data = read_captioned(heldout)
-    images = torch.stack([load_image(p, run.vq.config.image_size) for p in data.images])
+def caption_accuracy(run: unified.UnifiedRun, paths: list[Path], captions: list[str]
+                     ) -> tuple[dict[str, float], list[str]]:
+    """The share of images whose greedy caption names each attribute right, and the captions."""
+    images = torch.stack([load_image(p, run.vq.config.image_size) for p in paths])
     said = unified.greedy_captions(run, run.image_codes(images))
-    truth = [parse_caption(c) for c in data.captions]
-    guessed = [parse_caption(s) for s in said]
-    caption_acc = {name: sum(g[name] == t[name] for g, t in zip(guessed, truth)) / len(truth) for name in ATTRIBUTES}
+    truth, guessed = [parse_caption(c) for c in captions], [parse_caption(s) for s in said]
+    return {name: sum(g[name] == t[name] for g, t in zip(guessed, truth)) / len(truth) for name in ATTRIBUTES}, said
+
+
+def evaluate_run(run_dir: Path, heldout: Path, seen: Path, judge: AttributeJudge, device: torch.device) -> dict:
+    run = unified.load_unified(run_dir, device)
+    data, seen_data = read_captioned(heldout), read_captioned(seen)
+    count = len(data.images)
+    caption_acc, said = caption_accuracy(run, data.images, data.captions)
+    seen_acc, _ = caption_accuracy(run, seen_data.images[:count], seen_data.captions[:count])
+    seen_captions = seen_data.captions
     generator = torch.Generator().manual_seed(0)
 
     def faithfulness(captions: list[str]) -> dict[str, float]:
@@ -150,7 +157,7 @@ def evaluate_run(run_dir: Path, heldout: Path, seen_captions: list[str], judge: 
                       torch.tensor([ATTRIBUTES["colour"].index(p["colour"]) for p in parsed]))
 
     load = unified.modality_load(run.model, run_dir)
-    return {"caption": caption_acc, "faithful_heldout": faithfulness(data.captions),
+    return {"caption": caption_acc, "caption_seen": seen_acc, "faithful_heldout": faithfulness(data.captions),
             "faithful_seen": faithfulness(seen_captions[:len(data.captions)]),
             "specialisation": [layer["specialisation"] for layer in load],
             "params": sum(p.numel() for p in run.model.parameters()), "examples": list(zip(data.captions, said))[:4]}
@@ -255,7 +262,7 @@ def main() -> None:
             result, summary = unified.train(runs[name], root / name, device=str(device), quiet=True)
             seconds = time.perf_counter() - started
             results["fusion"][name] = {"train_seconds": seconds, "token_loss": summary["loss"],
-                                       **evaluate_run(root / name, heldout, seen_captions, judge, device)}
+                                       **evaluate_run(root / name, heldout, train_dir, judge, device)}
             console.print(f"{name}: {seconds:.0f}s, {results['fusion'][name]['caption']}")
 
         pairs = scaled(48, s, 16)
@@ -278,7 +285,8 @@ def show(r: dict) -> None:
     table.add_row("training seconds (same steps)", f"{e['train_seconds']:.0f}", f"{p['train_seconds']:.0f}")
     table.add_row("final token loss", f"{e['token_loss']:.3f}", f"{p['token_loss']:.3f}")
     for name in ATTRIBUTES:
-        table.add_row(f"held-out caption accuracy: {name}", f"{e['caption'][name]:.1%}", f"{p['caption'][name]:.1%}")
+        table.add_row(f"caption accuracy, {name}: held-out pairs (seen pairs)",
+                      *(f"{m['caption'][name]:.1%} ({m['caption_seen'][name]:.1%})" for m in (e, p)))
     for key, label in (("faithful_heldout", "held-out pairs"), ("faithful_seen", "seen pairs (reference)")):
         table.add_row(f"drawn images with the asked shape and colour, {label}", f"{e[key]['both']:.1%}",
                       f"{p[key]['both']:.1%}")
