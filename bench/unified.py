@@ -141,7 +141,7 @@ def evaluate_run(run_dir: Path, heldout: Path, seen: Path, judge: AttributeJudge
     data, seen_data = read_captioned(heldout), read_captioned(seen)
     count = len(data.images)
     caption_acc, said = caption_accuracy(run, data.images, data.captions)
-    seen_acc, _ = caption_accuracy(run, seen_data.images[:count], seen_data.captions[:count])
+    seen_acc, _ = caption_accuracy(run, seen_data.images[:count], seen_data.captions[:count])  # training images
     seen_captions = seen_data.captions
     generator = torch.Generator().manual_seed(0)
 
@@ -285,7 +285,7 @@ def show(r: dict) -> None:
     table.add_row("training seconds (same steps)", f"{e['train_seconds']:.0f}", f"{p['train_seconds']:.0f}")
     table.add_row("final token loss", f"{e['token_loss']:.3f}", f"{p['token_loss']:.3f}")
     for name in ATTRIBUTES:
-        table.add_row(f"caption accuracy, {name}: held-out pairs (seen pairs)",
+        table.add_row(f"caption accuracy, {name}: held-out pairs (training images)",
                       *(f"{m['caption'][name]:.1%} ({m['caption_seen'][name]:.1%})" for m in (e, p)))
     for key, label in (("faithful_heldout", "held-out pairs"), ("faithful_seen", "seen pairs (reference)")):
         table.add_row(f"drawn images with the asked shape and colour, {label}", f"{e[key]['both']:.1%}",
