@@ -32,6 +32,7 @@ MODEL_KINDS: dict[str, str] = {
     "audio": "dsfuse.models.audio:AudioEmotionClassifier",
     "compressor": "dsfuse.models.compressor:TokenCompressor",
     "unet": "dsfuse.models.unet:UNet",
+    "unified": "dsfuse.models.unified:UnifiedModel",
 }
 
 MODEL_FILE = "model.safetensors"

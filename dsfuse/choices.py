@@ -33,6 +33,8 @@ McpTransport = Literal["stdio", "http"]
 Precision = Literal["fp32", "bf16", "fp16"]
 TrainLogger = Literal["none", "tensorboard"]
 ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]  # auto: the checkpoint's own dtype
+UnifiedFusion = Literal["early", "parallel"]  # one shared stream, or the seed's parallel cross-attention
+AttentionVariant = Literal["mla", "differential"]
 
 
 def values(choice: object) -> tuple[str, ...]:

@@ -125,3 +125,16 @@ def routing_divergence(load_a: torch.Tensor, load_b: torch.Tensor, top: int = 5)
             "share_difference": [round(float(d), 6) for d in difference],
             "prefers_a": [int(e) for e in difference.argsort(descending=True)[:top] if difference[e] > 0],
             "prefers_b": [int(e) for e in difference.argsort()[:top] if difference[e] < 0]}
+
+
+def retrieval_recall(a: torch.Tensor, b: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Cross-modal retrieval over paired embeddings a, b [N, D] (pair i matches i): recall@k, the share of
+    queries whose match ranks in the top k by cosine similarity, averaged over both directions."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    similarity = a @ b.T
+    out = {}
+    for k in ks:
+        hits = [(s.topk(min(k, len(s)), dim=-1).indices == torch.arange(len(s), device=s.device)[:, None]).any(-1)
+                for s in (similarity, similarity.T)]
+        out[f"recall@{k}"] = float(torch.cat(hits).float().mean())
+    return out

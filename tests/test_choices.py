@@ -19,6 +19,8 @@ CHOICE_OPTIONS = [
     ("train-ddpm", "objective", choices.Objective),
     ("compress-tokens", "method", choices.CompressMethod),
     ("train-vqvae", "quantizer", choices.Quantizer),
+    ("train-unified", "fusion", choices.UnifiedFusion),
+    ("train-unified", "attention", choices.AttentionVariant),
 ]
 
 

@@ -35,6 +35,19 @@ def make_tokenizer(root: Path) -> Path:
     return run
 
 
+def make_shapes(root: Path) -> Path:
+    """Captioned shapes in ROOT/train and a tokenizer in ROOT/vq.safetensors (the options name them by DATA)."""
+    from dsfuse.checkpoint import CheckpointMeta, save_checkpoint
+    from dsfuse.models.vqvae import VQVAE, VQVAEConfig
+
+    assert run_cli("make-shapes", root / "shapes", "--train", "8", "--heldout", "0", "--size", "16",
+                   "-q").returncode == 0
+    cfg = VQVAEConfig(image_size=16, downsample=4, codebook_size=16, latent_channels=4, base_channels=16,
+                      channel_mult=(1, 2), attention=False)
+    save_checkpoint(root / "shapes" / "vq.safetensors", VQVAE(cfg), CheckpointMeta.of("vqvae", cfg))
+    return root / "shapes"
+
+
 # trainer: (make its data (root -> path), the command and its positional arguments, the options of the first
 # run, the options it needs again to resume (besides --out), an option to contradict and its other value)
 TRAINERS = {
@@ -49,6 +62,9 @@ TRAINERS = {
     "train-compressor": (make_tokenizer, ["train-compressor", str(SAMPLES / "images")],
                          ["--width", "16", "--depth", "1", "--views", "16", "--batch-size", "4"],
                          ["--checkpoint", "DATA"], "--ratio", "16"),
+    "train-unified": (make_shapes, ["train-unified", "DATA/train"],
+                      ["--tokenizer", "DATA/vq.safetensors", "--dim", "32", "--heads", "2", "--experts", "4",
+                       "--batch-size", "4", "--sample-every", "0"], [], "--fusion", "parallel"),
     "train-moe": (lambda root: root, ["train-moe"], ["--experts", "8", "--top-k", "2", "--batch-size", "32"], [],
                   "--experts", "16"),
 }
@@ -59,7 +75,7 @@ TRAINERS = {
 def test_resume_adopts_the_run_and_refuses_contradictions(trainer, tmp_path):
     make_data, command, options, needed, option, other = TRAINERS[trainer]
     data = str(make_data(tmp_path))
-    command, needed = ([data if a == "DATA" else a for a in args] for args in (command, needed))
+    command, options, needed = ([a.replace("DATA", data) for a in args] for args in (command, options, needed))
     run = ["--out", str(tmp_path / "run"), "--device", "cpu"]
     first = run_cli(*command, *options, *needed, *run, "--steps", "2", "--json", "-q")
     assert first.returncode == 0, first.stderr

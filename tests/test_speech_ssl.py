@@ -8,7 +8,6 @@ command rebuilds them); the slow one trains and predicts through the command wit
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np

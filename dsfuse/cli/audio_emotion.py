@@ -11,9 +11,9 @@ from typing import Annotated, Any
 import typer
 
 from dsfuse.choices import FeedForward, Fusion, LabelScheme, SpeakerBy, SpeechEncoder, SplitBy
-from dsfuse.cli.common import (CheckpointOpt, DebugOpt, DeviceOpt, EngineOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt,
-                               RunOutOpt, SeedOpt, choice_metavar, command, expand_inputs, stream_timelines,
-                               given_options, report_training, tabulate_each_input, trainer)
+from dsfuse.cli.common import (CheckpointOpt, ContrastiveOpt, DebugOpt, DeviceOpt, EngineOpt, ForceOpt, JsonOpt,
+                               QuietOpt, ResumeOpt, RunOutOpt, SeedOpt, choice_metavar, command, expand_inputs,
+                               given_options, report_training, stream_timelines, tabulate_each_input, trainer)
 from dsfuse.report import emit_json, print_table
 
 app = typer.Typer(help="Speech emotion: train on labelled clips, predict labels or timelines, make a synthetic set.",
@@ -63,6 +63,7 @@ def train(
                                                         "downloaded unless DSFUSE_OFFLINE=1).")] = "mel",
     unfreeze: Annotated[int, typer.Option("--unfreeze", min=0, help="With --encoder: fine-tune its top N "
                                           "layers too.")] = 0,
+    contrastive: ContrastiveOpt = 0.0,
     resume: ResumeOpt = False,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -86,7 +87,7 @@ def train(
         data=data, labels=labels, split_by=split_by, heldout=heldout, heldout_fraction=heldout_fraction, steps=steps,
         batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed, dim=dim, depth=depth, ffn=ffn, n_mels=n_mels,
         crop_seconds=crop_seconds, speaker_norm=speaker_norm, speaker_pattern=speaker_pattern, fusion=fusion,
-        encoder=encoder, unfreeze=unfreeze, **engine)
+        encoder=encoder, unfreeze=unfreeze, contrastive=contrastive, **engine)
     result, summary = task.train(options, run_dir_for(out, task.TASK, resume), resume=resume, force=force,
                                  explicit=given_options(), device=select_device(device), quiet=quiet)
     if not json and "f1" in summary:

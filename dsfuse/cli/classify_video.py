@@ -10,9 +10,9 @@ from typing import Annotated
 import typer
 
 from dsfuse import choices
-from dsfuse.cli.common import (DebugOpt, DeviceOpt, EngineOpt, ForceOpt, JsonOpt, QuietOpt, ResumeOpt, RunOutOpt,
-                               SeedOpt, choice_metavar, command, expand_inputs, given_options, report_training,
-                               stream_timelines, tabulate_each_input, trainer)
+from dsfuse.cli.common import (ContrastiveOpt, DebugOpt, DeviceOpt, EngineOpt, ForceOpt, JsonOpt, QuietOpt,
+                               ResumeOpt, RunOutOpt, SeedOpt, choice_metavar, command, expand_inputs, given_options,
+                               report_training, stream_timelines, tabulate_each_input, trainer)
 from dsfuse.errors import UsageError
 from dsfuse.report import console, emit_json, print_table
 
@@ -45,6 +45,7 @@ def train(
     fusion: Annotated[choices.Fusion, typer.Option(
         "--fusion", metavar=choice_metavar(choices.Fusion), help="Fuse the frames with the video's soundtrack by this "
                                                           "strategy (none: frames alone).")] = "none",
+    contrastive: ContrastiveOpt = 0.0,
     compare_fusion: Annotated[bool, typer.Option("--compare-fusion", help="Train every fusion strategy into "
                                                                           "OUT/<strategy> and tabulate them.")] = False,
     resume: ResumeOpt = False, device: DeviceOpt = "auto", seed: SeedOpt = 0, json: JsonOpt = False,
@@ -59,7 +60,8 @@ def train(
 
     options = video.VideoTrainOptions(data=data, backbone=backbone, pretrained=pretrained, steps=steps,
                                       batch_size=batch_size, lr=lr, frames=frames, fps=fps, held_out=held_out,
-                                      eval_every=eval_every, fusion=fusion, weights=weights, seed=seed, **engine)
+                                      eval_every=eval_every, fusion=fusion, weights=weights, contrastive=contrastive,
+                                      seed=seed, **engine)
     if compare_fusion and resume:
         raise UsageError("--compare-fusion trains every strategy afresh; it cannot --resume", "--compare-fusion")
     out = runs.run_dir_for(out, video.TASK, resume)

@@ -89,6 +89,11 @@ def moe_inspect(
     print_table(f"moe-inspect: {result['source']}, {result['tokens']} tokens ({result['routed']})",
                 ["layer", "max/mean", "MaxVio", "dropped (tokens)", "entropy", "balance", "z-loss", "busiest",
                  "frequent pairs"], [layer_row(r) for r in result["layers"]])
+    if "modality" in result["layers"][0]:
+        print_table("expert load by modality (share of each modality's assignments; specialisation: total "
+                    "variation between the two, 0 same spread .. 1 disjoint experts)",
+                    ["layer", "text: busiest", "image: busiest", "specialisation"],
+                    [modality_row(r) for r in result["layers"]])
     if plot is not None:
         console.print(f"load heatmap: {plot}")
 
@@ -127,6 +132,14 @@ def inspect_model(model: str, text: Path | None, compare: Path | None, routes_ou
     for key, what in (("plot", "plot"), ("routes", "routes"), ("attention_plot", "sparse pattern")):
         if key in result:
             console.print(f"{what}: {result[key]}")
+
+
+def modality_row(r: dict[str, Any], top: int = 3) -> tuple:
+    def busiest(shares: list[float]) -> str:
+        return " ".join(f"{e}:{shares[e]:.2f}" for e in sorted(range(len(shares)), key=lambda e: -shares[e])[:top])
+
+    m = r["modality"]
+    return r["layer"], busiest(m["text_share"]), busiest(m["image_share"]), m["specialisation"]
 
 
 def layer_row(r: dict[str, Any], top: int = 3) -> tuple:

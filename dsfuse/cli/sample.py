@@ -9,6 +9,7 @@ import typer
 
 from dsfuse.choices import Sampler
 from dsfuse.cli.common import CheckpointOpt, DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt, command
+from dsfuse.errors import UsageError
 from dsfuse.report import console, emit_json
 
 
@@ -23,6 +24,10 @@ def sample(
     class_name: Annotated[str | None, typer.Option("--class", help="Class folder name to draw (default: cycle through all classes).")] = None,
     guidance: Annotated[float, typer.Option("--guidance", min=0.0, help="Classifier-free guidance scale (1: none).")] = 3.0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images denoised at once.")] = 64,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="A train-unified model: the caption to draw images of.")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="--prompt: token sampling temperature (0: greedy).")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="--prompt: sample among the k likeliest image tokens (0: all).")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", help="--prompt: nucleus sampling mass (1: all).")] = 1.0,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     json: JsonOpt = False,
@@ -30,10 +35,27 @@ def sample(
     debug: DebugOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Sample images from a diffusion checkpoint; the same seed gives the same images on the same device.
+    """Sample images from a diffusion checkpoint, or (--prompt) from a train-unified model; the same seed gives
+    the same images on the same device.
 
     Example: dsfuse sample --checkpoint runs/ddpm --out samples/ --n 16 --sampler dpm++ --steps 20 --class 7
+    Example: dsfuse sample --checkpoint runs/unified --prompt "a large red square at the top left" --out red.png
     """
+    from dsfuse.tasks import unified
+
+    if unified.is_unified(checkpoint):
+        if prompt is None:
+            raise UsageError("a unified model draws images of a caption: give --prompt", "--prompt")
+        options = unified.PromptOptions(prompt=prompt, n=n, guidance=guidance, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, batch_size=batch_size, seed=seed)
+        result = unified.sample_prompt(checkpoint, out, options, device=device, force=force)
+        if json:
+            emit_json(result)
+        elif not quiet:
+            console.print(f"{n} image(s) of {prompt!r}: {result['grid']}")
+        return
+    if prompt is not None:
+        raise UsageError("--prompt needs a train-unified model; this checkpoint is not one", "--prompt")
     from dsfuse.tasks.diffusion import SampleOptions
     from dsfuse.tasks.diffusion import sample as draw
 

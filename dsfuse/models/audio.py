@@ -25,7 +25,7 @@ from dsfuse.choices import FeedForward, Fusion, SpeechEncoder
 from dsfuse.models.speech_ssl import SslFront
 from dsfuse.models.text import TextConfig, TextEncoder
 from dsfuse.nn.attention import AttentionConfig
-from dsfuse.nn.fusion import FusionConfig, ModalityFusion
+from dsfuse.nn.fusion import ContrastiveAlignment, FusionConfig, ModalityFusion
 from dsfuse.nn.moe import MoEConfig
 from dsfuse.nn.transformer import TransformerBlock
 
@@ -150,6 +150,7 @@ class AudioEmotionConfig(AudioConfig):
     text: TextConfig | None = None  # the transcript's encoder (fused models only; None: its defaults)
     fusion_dim: int = 64
     fusion_depth: int = 1
+    contrastive: float = 0.0  # weight of the CLIP-style alignment of audio and transcript (fused only; 0: none)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -185,6 +186,8 @@ class AudioEmotionClassifier(nn.Module):
         else:
             self.pool = AttentionPool(cfg.dim)
             self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.dim, cfg.num_classes))
+        self.align = ContrastiveAlignment((cfg.dim, cfg.text.dim), cfg.fusion_dim) if cfg.fused and cfg.contrastive \
+            else None
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None, text: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -194,6 +197,8 @@ class AudioEmotionClassifier(nn.Module):
         if text is None or text_mask is None:
             raise ValueError(f"a model with {self.config.fusion} fusion needs the transcript's byte ids and mask")
         words, text_mask = self.text(text, text_mask)
+        if self.align is not None:
+            self.align([x, words], [mask, text_mask])
         return self.fusion([x, words], [mask, text_mask])
 
     def gate_weights(self) -> torch.Tensor | None:

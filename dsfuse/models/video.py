@@ -26,7 +26,7 @@ from dsfuse import choices
 from dsfuse.checkpoint import CheckpointMeta, build_model, read_metadata, resolve_checkpoint
 from dsfuse.errors import UsageError
 from dsfuse.models.audio import AudioConfig, AudioEncoder
-from dsfuse.nn.fusion import FusionConfig, ModalityFusion
+from dsfuse.nn.fusion import ContrastiveAlignment, FusionConfig, ModalityFusion
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ class VideoConfig:
     fusion_dim: int = 64
     fusion_depth: int = 1
     audio_seconds: float = 10.0  # how much of the soundtrack, from its start, the model hears
+    contrastive: float = 0.0  # weight of the CLIP-style alignment of frames and soundtrack (fused only; 0: none)
 
     def __post_init__(self) -> None:
         choices.check(self.backbone, choices.Backbone, "backbone")
@@ -210,6 +211,8 @@ class VideoClassifier(nn.Module):
                 dim=config.fusion_dim, n_heads=4, depth=config.fusion_depth))
         else:
             self.head = nn.Linear(self.feature_dim, config.num_classes)
+        self.align = (ContrastiveAlignment((self.feature_dim, config.audio.dim), config.fusion_dim)
+                      if config.fused and config.contrastive else None)
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1, 1), persistent=False)
 
@@ -249,7 +252,10 @@ class VideoClassifier(nn.Module):
         if mel is None:
             raise ValueError(f"a video model with {self.config.fusion} fusion needs the soundtrack's log-mels")
         audio, audio_mask = self.audio(mel, mel_mask)
-        return self.fusion([self.video_tokens(clip), audio], [None, audio_mask])
+        tokens, masks = [self.video_tokens(clip), audio], [None, audio_mask]
+        if self.align is not None:
+            self.align(tokens, masks)
+        return self.fusion(tokens, masks)
 
     def load_kinetics(self, state: dict[str, torch.Tensor], path: Path) -> None:
         """Load torchvision's Kinetics-400 state dict (read from `path`); the head too when it has 400 classes."""

@@ -24,6 +24,7 @@ tokens already at `cfg.dim` and can be used on their own.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsfuse import choices
+from dsfuse.errors import UsageError
 from dsfuse.nn.attention import AttentionConfig
 from dsfuse.nn.transformer import CrossAttentionBlock, TransformerBlock
 
@@ -315,3 +317,56 @@ class ModalityFusion(nn.Module):
         """Learned per-modality logit weights [M] (late and hybrid fusion), else None."""
         late = self.strategy.late if isinstance(self.strategy, HybridFusion) else self.strategy
         return late.modality_weights().detach() if isinstance(late, LateFusion) else None
+
+
+# --------------------------------------------------------------------------- contrastive alignment
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE over unit vectors a, b [N, D]: pair i is the positive of row i and of
+    column i, every other pairing in the batch a negative; the similarity is scaled by exp(logit_scale)."""
+    logits = logit_scale.exp().clamp(max=100.0) * a @ b.T
+    targets = torch.arange(len(a), device=a.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+class ContrastiveAlignment(nn.Module):
+    """CLIP-style alignment of two modalities, a training objective beside any fusion strategy: each
+    modality's masked-mean tokens are projected into one space and normalised; `contrastive_loss(model)`
+    pulls a sample's two embeddings together and pushes the batch's other pairings apart, with a learned
+    temperature (initialised at CLIP's 0.07). The embeddings of the last forward are kept in `last`."""
+
+    def __init__(self, input_dims: tuple[int, int], dim: int):
+        super().__init__()
+        self.projections = nn.ModuleList(nn.Linear(d, dim) for d in input_dims)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, tokens: Tokens, masks: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two modalities' tokens [B, T_m, D_m] and masks -> their unit embeddings [B, dim] each."""
+        pooled = [masked_mean(x, mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool,
+                                                                           device=x.device))
+                  for x, mask in zip(tokens, masks)]
+        first, second = (F.normalize(proj(x), dim=-1) for proj, x in zip(self.projections, pooled))
+        self.last = (first, second)
+        return first, second
+
+
+def check_contrastive(weight: float, fused: bool) -> None:
+    """Refuse a contrastive weight that is negative, or given to a model with one modality."""
+    if weight < 0:
+        raise UsageError(f"must be 0 (off) or more, got {weight}", "--contrastive")
+    if weight and not fused:
+        raise UsageError("contrastive alignment needs two modalities: give --fusion too", "--contrastive")
+
+
+def contrastive_loss(model: nn.Module) -> torch.Tensor:
+    """The InfoNCE of every ContrastiveAlignment in `model` from its last forward (0 if none)."""
+    terms = [info_nce(*m.last, m.logit_scale) for m in model.modules()
+             if isinstance(m, ContrastiveAlignment) and m.last is not None]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def alignment_embeddings(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (detached) embeddings of the model's ContrastiveAlignment in its last forward, or None."""
+    found = [m.last for m in model.modules() if isinstance(m, ContrastiveAlignment) and m.last is not None]
+    return (found[0][0].detach(), found[0][1].detach()) if found else None

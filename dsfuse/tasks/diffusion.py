@@ -243,10 +243,8 @@ def sample(checkpoint: str | Path, out: Path, options: SampleOptions, *, device:
            quiet: bool = False, force: bool = False) -> dict[str, Any]:
     """Draw images into `out` (a folder: one PNG each plus grid.png; a .png path: the grid only); the same
     seed gives the same images on the same device. Returns what was written and how fast."""
-    grid_only = out.suffix.lower() == ".png"
-    grid_path = out if grid_only else out / "grid.png"
-    if not force and (grid_path.exists() or (not grid_only and out.is_dir() and any(out.glob("*.png")))):
-        raise UsageError("output exists; pass --force to overwrite it", out)
+    grid_path = sample_output(out, force)
+    grid_only = grid_path == out
     torch_device = select_device(device)
     model = load_diffusion(checkpoint, torch_device)
     if not 1 <= options.steps <= model.setup.timesteps:
@@ -266,6 +264,16 @@ def sample(checkpoint: str | Path, out: Path, options: SampleOptions, *, device:
             "steps": options.steps, "guidance": options.guidance if labels is not None else None,
             "seconds": round(seconds, 3), "seconds_per_image": round(seconds / options.n, 4),
             "device": str(torch_device)}
+
+
+def sample_output(out: Path, force: bool) -> Path:
+    """Where the grid of drawn images goes: `out` itself when it ends in .png, else OUT/grid.png beside one
+    PNG per image; PNGs already there are refused without --force."""
+    grid_only = out.suffix.lower() == ".png"
+    grid_path = out if grid_only else out / "grid.png"
+    if not force and (grid_path.exists() or (not grid_only and out.is_dir() and any(out.glob("*.png")))):
+        raise UsageError("output exists; pass --force to overwrite it", out)
+    return grid_path
 
 
 def write_images(images: torch.Tensor, labels: torch.Tensor | None, classes: list[str], folder: Path) -> list[str]:

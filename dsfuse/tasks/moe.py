@@ -29,9 +29,11 @@ from dsfuse.errors import InputError, UsageError
 from dsfuse.io import check_writable
 from dsfuse.metrics import max_violation, routing_stats
 from dsfuse.models.moe import MoEClassifier, MoEModelConfig
+from dsfuse.models.unified import UnifiedModel
 from dsfuse.nn.moe import MoE, MoEConfig, moe_aux_loss, moe_layers
 from dsfuse.plots import plot_balancing, plot_load_heatmap
 from dsfuse.runs import STATE_FILE, TrainOptions, prepare_run_dir, resume_options
+from dsfuse.tasks.unified import modality_load
 
 TASK = "moe"
 KIND = "moe"
@@ -106,15 +108,24 @@ def inspect_routing(checkpoint: Path | None, options: LayerOptions, *, features_
     layers = moe_layers(model)
     for layer in layers:
         layer.cfg.capacity_factor = options.capacity(layer.cfg.capacity_factor)
-    if features is None:
-        width = input_width(model, layers)
-        check_memory(routing_bytes(tokens, width, layers), device, f"routing {tokens:,} tokens", "--tokens")
-        features = torch.randn(tokens, width)
-    routed = route_features(model, features.to(device))
+    by_modality = None
+    if features is None and isinstance(model, UnifiedModel):  # its own text and image tokens, not random ones
+        by_modality = modality_load(model, checkpoint)
+        routed, what = "the run's probe sequences through the whole model", "probe"
+    else:
+        if features is None:
+            width = input_width(model, layers)
+            check_memory(routing_bytes(tokens, width, layers), device, f"routing {tokens:,} tokens", "--tokens")
+            features = torch.randn(tokens, width)
+        routed = route_features(model, features.to(device))
+        what = str(features_file) if features_file is not None else "random"
     names = layer_names(model)
-    result = {"source": source, "tokens": int(features.shape[0]), "routed": routed,
-              "input": str(features_file) if features_file is not None else "random",
-              "layers": [{"layer": names[id(layer)], **routing_stats(layer.last_routing)} for layer in layers]}
+    result = {"source": source, "tokens": int(layers[0].last_routing.probs.shape[0]), "routed": routed,
+              "input": what, "layers": [{"layer": names[id(layer)], **routing_stats(layer.last_routing)}
+                                        for layer in layers]}
+    if by_modality is not None:
+        for record, modality in zip(result["layers"], by_modality):
+            record["modality"] = modality
     if plot is not None:
         result["plot"] = str(plot_load_heatmap(result["layers"], plot, f"expert load, {source}"))
     return result

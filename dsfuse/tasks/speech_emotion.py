@@ -27,12 +27,13 @@ from dsfuse.data.emotion_speech import (LabelledClip, LogMelClips, SpeakerBaseli
 from dsfuse.data.synthetic_speech import synthetic_split, write_synthetic_set
 from dsfuse.data.transcripts import TranscribedClips, collate_transcribed, read_transcript
 from dsfuse.device import seed_everything
-from dsfuse.engine import TrainConfig, TrainResult, fit, read_metrics
+from dsfuse.engine import TrainConfig, TrainResult, fit, read_metrics, unwrap
 from dsfuse.io import claim_output_folder
 from dsfuse.errors import InputError, UsageError
-from dsfuse.metrics import accuracy, confusion_matrix, per_class_f1
+from dsfuse.metrics import accuracy, confusion_matrix, per_class_f1, retrieval_recall
 from dsfuse.models.audio import AudioEmotionClassifier, AudioEmotionConfig
 from dsfuse.models.text import TextConfig, encode_text, pad_text
+from dsfuse.nn.fusion import alignment_embeddings, check_contrastive, contrastive_loss
 from dsfuse.nn.moe import moe_aux_loss
 from dsfuse.plots import plot_bars, plot_confusion, plot_curves
 from dsfuse.report import warn
@@ -67,6 +68,7 @@ class SpeechEmotionOptions(runs.TrainOptions):
     fusion: Fusion = "none"
     encoder: SpeechEncoder = "mel"
     unfreeze: int = 0
+    contrastive: float = 0.0  # weight of the CLIP-style audio-transcript alignment loss (needs a fusion)
 
     @property
     def fused(self) -> bool:
@@ -245,12 +247,13 @@ def model_config(options: SpeechEmotionOptions, data: TrainingData, encoder: Enc
                               depth=options.depth, ffn=options.ffn, n_heads=max(1, options.dim // 32),
                               fusion=options.fusion, text=text_config(options) if options.fused else None,
                               fusion_dim=options.dim, encoder=encoder.name, ssl=encoder.params,
-                              unfreeze=options.unfreeze, **statistics)
+                              unfreeze=options.unfreeze, contrastive=options.contrastive, **statistics)
 
 
 class Scores(NamedTuple):
     probs: torch.Tensor  # [N, classes]
     gates: torch.Tensor | None  # [N, 2] (audio, text) weights under gated fusion, else None
+    aligned: torch.Tensor | None = None  # [N, 2, D] (audio, text) embeddings under --contrastive, else None
 
 
 def classify(model: AudioEmotionClassifier, features: Sequence[torch.Tensor], device: torch.device,
@@ -260,6 +263,7 @@ def classify(model: AudioEmotionClassifier, features: Sequence[torch.Tensor], de
     order = sorted(range(len(features)), key=lambda i: len(features[i]))  # little padding per batch
     probs = torch.empty(len(features), model.config.num_classes)
     gates = torch.empty(len(features), 2) if model.config.fusion == "gated" else None
+    aligned: list[torch.Tensor | None] = [None] * len(features)  # each clip's (audio, text) embeddings
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
@@ -271,13 +275,16 @@ def classify(model: AudioEmotionClassifier, features: Sequence[torch.Tensor], de
             probs[index] = logits.float().softmax(-1).cpu()
             if gates is not None:
                 gates[index] = model.gate_weights().float().cpu()
-    return Scores(probs, gates)
+            if (embedded := alignment_embeddings(model)) is not None:
+                for row, i in enumerate(index):
+                    aligned[i] = torch.stack([embedded[0][row], embedded[1][row]]).float().cpu()
+    return Scores(probs, gates, torch.stack(aligned) if aligned and aligned[0] is not None else None)
 
 
 def evaluate(model: AudioEmotionClassifier, examples: Examples, classes: Sequence[str], device: torch.device
              ) -> dict[str, Any]:
     """Accuracy, macro and per-class F1, the confusion matrix and, under gated fusion, the mean gates."""
-    probs, gates = classify(model, examples.features, device, examples.text)
+    probs, gates, aligned = classify(model, examples.features, device, examples.text)
     true, pred = examples.targets(classes), probs.argmax(-1)
     matrix = confusion_matrix(true, pred, len(classes))
     f1 = per_class_f1(matrix)
@@ -285,6 +292,8 @@ def evaluate(model: AudioEmotionClassifier, examples: Examples, classes: Sequenc
               "f1": {c: float(v) for c, v in zip(classes, f1)}, "confusion": matrix.tolist()}
     if gates is not None:  # how much the model listens to each modality, on average
         report["gate_audio"], report["gate_text"] = (round(float(g), 4) for g in gates.mean(0))
+    if aligned is not None:  # audio -> transcript and transcript -> audio retrieval among the held-out clips
+        report.update(retrieval_recall(aligned[:, 0], aligned[:, 1]))
     return report
 
 
@@ -297,6 +306,9 @@ def classification_loss(net: torch.nn.Module, batch: dict[str, torch.Tensor], mo
     if moe:  # keep the experts evenly loaded
         aux = moe_aux_loss(net)
         loss, stats["moe_aux"] = loss + aux, float(aux)
+    if weight := unwrap(net).config.contrastive:  # align each clip's audio with its own transcript
+        align = contrastive_loss(net)
+        loss, stats["contrastive"] = loss + weight * align, float(align)
     return loss, stats
 
 
@@ -310,6 +322,7 @@ def check_options(options: SpeechEmotionOptions) -> None:
         raise UsageError(f"dim must be a multiple of 4 under --fusion, got {options.dim}", "--dim")
     if options.unfreeze and options.encoder == "mel":
         raise UsageError("--unfreeze fine-tunes a pretrained --encoder; log-mels have no layers", "--unfreeze")
+    check_contrastive(options.contrastive, options.fused)
 
 
 def training_set(data: TrainingData, options: SpeechEmotionOptions, encoder: Encoder
@@ -357,7 +370,8 @@ def train(options: SpeechEmotionOptions, run_dir: Path, *, resume: bool, force: 
         report.update(evaluate(net, data.heldout, data.classes, device))
         plot_confusion(report["confusion"], data.classes, run_dir / "confusion.png",
                        title=f"held-out confusion{fusion_note}, step {step} (accuracy {report['accuracy']:.1%})")
-        return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
+        return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
+                **{k: v for k, v in report.items() if k.startswith("recall@")}}
 
     setup = {"encoder_sha256": encoder.sha256} if encoder.pretrained else {}  # the encoder's weights: named, not copied
     result = fit(model, dataset, partial(classification_loss, moe=options.ffn == "moe"), train_cfg, run_dir,

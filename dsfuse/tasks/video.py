@@ -27,9 +27,10 @@ from dsfuse.device import seed_everything, select_device
 from dsfuse.engine import TrainConfig, TrainResult, fit, read_metrics, to_device, unwrap
 from dsfuse.errors import InputError, UsageError
 from dsfuse.io import claim_output_folder
-from dsfuse.metrics import accuracy, confusion_matrix
+from dsfuse.metrics import accuracy, confusion_matrix, retrieval_recall
 from dsfuse.models.video import (AV_VIDEO_KIND, VideoClassifier, VideoConfig, kinetics_categories, kinetics_url,
                                  load_av_video)
+from dsfuse.nn.fusion import alignment_embeddings, check_contrastive, contrastive_loss
 from dsfuse.plots import plot_confusion, plot_curves
 from dsfuse.report import warn
 from dsfuse.weights import WeightsFile, load_state_dict, resolve
@@ -50,6 +51,7 @@ class VideoTrainOptions(runs.TrainOptions):
     held_out: float
     fusion: choices.Fusion
     weights: Path | None = None  # with pretrained: this Kinetics-400 file instead of the cache or a download
+    contrastive: float = 0.0  # weight of the CLIP-style frames-soundtrack alignment loss (needs a fusion)
 
     def check(self) -> None:
         if not 0 < self.held_out < 1:
@@ -58,11 +60,12 @@ class VideoTrainOptions(runs.TrainOptions):
             raise UsageError("frames must be at least 1 and fps positive", "--frames/--fps")
         if self.weights is not None and not self.pretrained:
             raise UsageError("--weights is the file of --pretrained", "--weights")
+        check_contrastive(self.contrastive, self.fusion != "none")
 
     def config(self) -> VideoConfig:
         """The model's config before the data is known (the classes, the soundtrack's statistics)."""
         return VideoConfig.for_backbone(self.backbone, num_classes=0, frames=self.frames, fps=self.fps,
-                                        fusion=self.fusion)
+                                        fusion=self.fusion, contrastive=self.contrastive)
 
 
 # --------------------------------------------------------------------------- data
@@ -154,7 +157,8 @@ def fit_model(model: VideoClassifier, options: VideoTrainOptions, data: VideoDat
     config = model.config
 
     def loss_fn(net: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(batch_logits(net, batch, random_crop=True), batch["labels"])
+        loss = torch.nn.functional.cross_entropy(batch_logits(net, batch, random_crop=True), batch["labels"])
+        return loss + config.contrastive * contrastive_loss(net) if config.contrastive else loss
 
     def evaluate_held_out(net: VideoClassifier, step: int) -> dict[str, float]:
         return evaluate(net, data.held, run_dir, device, options.batch_size)
@@ -166,7 +170,8 @@ def fit_model(model: VideoClassifier, options: VideoTrainOptions, data: VideoDat
     plot_curves(read_metrics(run_dir), ["loss", "accuracy"], run_dir / "curves.png",
                 title=f"classify-video {config.backbone}{sound}")
     return result, {"backbone": config.backbone, "fusion": config.fusion,
-                    "accuracy": result.metrics.get("eval_accuracy"), **data.summary()}
+                    "accuracy": result.metrics.get("eval_accuracy"),
+                    **{k[5:]: v for k, v in result.metrics.items() if k.startswith("eval_recall@")}, **data.summary()}
 
 
 def batch_logits(net: torch.nn.Module, batch: dict[str, torch.Tensor], random_crop: bool = False) -> torch.Tensor:
@@ -178,15 +183,20 @@ def batch_logits(net: torch.nn.Module, batch: dict[str, torch.Tensor], random_cr
 def evaluate(model: VideoClassifier, dataset: VideoFolder | AudioVisualFolder, run_dir: Path,
              device: torch.device, batch_size: int) -> dict[str, float]:
     """Held-out accuracy (the middle clip of each video, with its soundtrack when fused); confusion.png in run_dir."""
-    true, pred = [], []
+    true, pred, aligned = [], [], []
     for first in range(0, len(dataset), batch_size):
         batch = collate_clips([dataset[i] for i in range(first, min(first + batch_size, len(dataset)))])
         pred.append(batch_logits(model, to_device(batch, device)).argmax(-1).cpu())
         true.append(batch["labels"])
+        if (embedded := alignment_embeddings(model)) is not None:  # under --contrastive
+            aligned.append(torch.stack(embedded, 1).float().cpu())
     true_t, pred_t = torch.cat(true), torch.cat(pred)
     acc = accuracy(true_t, pred_t)
     plot_confusion(confusion_matrix(true_t, pred_t, len(dataset.classes)), dataset.classes,
                    run_dir / "confusion.png", title=f"held-out accuracy {acc:.1%} ({len(true_t)} videos)")
+    if aligned:  # frames -> soundtrack and soundtrack -> frames retrieval among the held-out videos
+        pairs = torch.cat(aligned)
+        return {"accuracy": acc, **retrieval_recall(pairs[:, 0], pairs[:, 1])}
     return {"accuracy": acc}
 
 
@@ -297,8 +307,8 @@ def render_timeline(path: Path, records: list[dict[str, Any]], out: Path) -> Pat
     ends = [r["end"] for r in records]
 
     def captioned() -> Iterator[np.ndarray]:
-        for time, rgb in iter_frames(path):
-            best = records[min(bisect.bisect_right(ends, time), len(records) - 1)]["top"][0]
+        for seconds, rgb in iter_frames(path):
+            best = records[min(bisect.bisect_right(ends, seconds), len(records) - 1)]["top"][0]
             yield caption_frame(rgb, f"{best['label']} {best['score']:.2f}")
 
     return write_video_frames(out, captioned(), probe_video(path).fps)
