@@ -76,6 +76,19 @@ def test_fp8_logits_equal_transformers_on_the_dequantised_weights(v3):
     assert (got - expected).abs().max() < 1e-4
 
 
+def test_scales_under_deepseek_s_own_name_load_the_same(v3, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _edited(v3[0], tmp_path)
+    state = load_file(folder / "model.safetensors")
+    save_file({k.replace(".weight_scale_inv", ".scale"): v for k, v in state.items()}, folder / "model.safetensors")
+    assert any(k.endswith(".scale") for k in ModelFolder(folder).weights.where)
+    tokens = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(load_model(ModelFolder(folder), torch.float32)(tokens),
+                           load_model(ModelFolder(v3[0]), torch.float32)(tokens))
+
+
 def test_auto_loads_fp8_as_bfloat16(v3):
     model = load_model(ModelFolder(v3[0]))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -115,14 +128,15 @@ FIRST = "model.layers.0.self_attn.q_a_proj.weight"  # the first fp8 tensor the l
 
 def test_a_missing_scale_is_one_line_from_the_shell(v3, tmp_path):
     folder = _edited(v3[0], tmp_path, drop=[NAME + "_scale_inv"])
-    assert_one_line_error(run_cli("moe-inspect", folder, "--text", "hello there"), 2, f"{NAME}_scale_inv is missing")
+    proc = run_cli("moe-inspect", folder, "--text", "hello there")
+    assert_one_line_error(proc, 2, f"{NAME} has no scales (no {NAME}_scale_inv or ")
 
 
 @pytest.mark.parametrize("config, drop, message", [
-    (None, [NAME + "_scale_inv"], f"{NAME}_scale_inv is missing"),
+    (None, [NAME + "_scale_inv"], f"{NAME} has no scales (no {NAME}_scale_inv or "),
     ({"quantization_config": None}, [], f"tensor {FIRST} is stored as float8_e4m3fn, but config.json declares no"),
     ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [8, 8]}}, [],
-     f"tensor {FIRST}_scale_inv has shape (2, 3); the FP8 tensor {FIRST} of shape (24, 64) in blocks of 8x8 needs (3, 8)"),
+     f"the scales of FP8 tensor {FIRST} have shape (2, 3); its shape (24, 64) in blocks of 8x8 needs (3, 8)"),
 ])
 def test_broken_scales_name_the_tensor(v3, tmp_path, config, drop, message):
     folder = ModelFolder(_edited(v3[0], tmp_path, config, drop))

@@ -26,7 +26,7 @@ from dsfuse.errors import UsageError
 from dsfuse.models import deepseek_v4  # noqa: F401  registers DeepseekV4ForCausalLM
 from dsfuse.models.causal_lm import CausalLMConfig
 from dsfuse.models.hf_arch import Architecture, architecture_of
-from dsfuse.models.hf_quant import FLOAT8, SCALE_SUFFIX, Fp8Blocks, quantisation_of
+from dsfuse.models.hf_quant import FLOAT8, Fp8Blocks, quantisation_of, scale_names
 
 INDEX = "model.safetensors.index.json"
 
@@ -78,9 +78,10 @@ class WeightFiles:
         if self.quant is None:
             raise UsageError(f"tensor {name} is stored as {str(tensor.dtype).removeprefix('torch.')}, but config.json "
                              "declares no quantization_config", self.folder)
-        if name + SCALE_SUFFIX not in self.where:
-            raise UsageError(f"the FP8 tensor {name} has no scales ({name}{SCALE_SUFFIX} is missing)", self.folder)
-        return self.quant.dequantise(name, tensor, self._read(name + SCALE_SUFFIX), dtype or torch.bfloat16)
+        scales = next((s for s in scale_names(name) if s in self.where), None)
+        if scales is None:
+            raise UsageError(f"the FP8 tensor {name} has no scales (no {' or '.join(scale_names(name))})", self.folder)
+        return self.quant.dequantise(name, tensor, self._read(scales), dtype or torch.bfloat16)
 
     def _read(self, name: str) -> torch.Tensor:
         if name not in self.where:

@@ -2,8 +2,8 @@
 
 DeepSeek-V3/R1 (and V4) ship with `quantization_config: {"quant_method": "fp8", "fmt": "e4m3",
 "weight_block_size": [128, 128], ...}`: each quantised linear weight is float8_e4m3fn beside a
-`<name>_scale_inv` tensor holding one scale per block (float32, or V4's 1-byte ue8m0 powers of two);
-the weight is the fp8 value times its block's scale. Embeddings, norms, routers and the output head are
+`<name>_scale_inv` (or `<module>.scale`) tensor holding one scale per block (float32, or V4's 1-byte
+ue8m0 powers of two); the weight is the fp8 value times its block's scale. Embeddings, norms, routers and the output head are
 stored unquantised. Anything else (another method, format or scheme, V4's FP4-packed experts) is refused
 in one line naming it.
 """
@@ -19,6 +19,12 @@ import torch
 from dsfuse.errors import UsageError
 
 SCALE_SUFFIX = "_scale_inv"
+
+
+def scale_names(name: str) -> tuple[str, str]:
+    """Where FP8 tensor `name`'s scales may be stored: `<name>_scale_inv` (V3's and transformers' name), or
+    `<module>.scale` (DeepSeek's own naming, as in DeepSeek-V4-Flash)."""
+    return name + SCALE_SUFFIX, name.removesuffix(".weight") + ".scale"
 FLOAT8 = {torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz}
 SCALE_FORMATS = ("float", "ue8m0")  # float32 scales (V3), or 1-byte powers of two (V4)
 
@@ -40,8 +46,8 @@ class Fp8Blocks:
         br, bc = self.block or (rows, cols)
         blocks = (ceil(rows / br), ceil(cols / bc))
         if scale_inv.numel() != blocks[0] * blocks[1] or (self.block and tuple(scale_inv.shape) != blocks):
-            raise UsageError(f"tensor {name}{SCALE_SUFFIX} has shape {tuple(scale_inv.shape)}; the FP8 tensor {name} "
-                             f"of shape {tuple(weight.shape)} in blocks of {br}x{bc} needs {blocks}")
+            raise UsageError(f"the scales of FP8 tensor {name} have shape {tuple(scale_inv.shape)}; its shape "
+                             f"{tuple(weight.shape)} in blocks of {br}x{bc} needs {blocks}")
         scale = scale_inv.float().reshape(blocks)
         scale = scale.repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :cols]
         return (weight.float() * scale).to(dtype)
