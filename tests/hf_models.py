@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -67,3 +70,38 @@ def save_tiny(arch: str, path: Path, seed: int = 0, **overrides) -> torch.nn.Mod
     model.save_pretrained(path)
     tiny_tokenizer(path)
     return model
+
+
+def save_fp8(folder: Path, fp8: Path, dequantised: Path, quantised: Callable[[str], bool],
+             block: tuple[int, int] = (16, 24)) -> None:
+    """Rewrite the saved model `folder` the way DeepSeek ships its checkpoints: each tensor `quantised`
+    names becomes float8_e4m3fn with a float32 `<name>_scale_inv` (one scale per block, the block's
+    absolute maximum over e4m3's largest value), the rest stays as it is; `dequantised` gets the same model
+    with those weights as their fp8 values times their scales, in float32 (for transformers to load)."""
+    from safetensors.torch import load_file, save_file
+
+    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    tensors, stored, exact = load_file(folder / "model.safetensors"), {}, {}
+    for name, w in tensors.items():
+        if not quantised(name):
+            stored[name] = exact[name] = w
+            continue
+        br, bc = block
+        rows, cols = -(-w.shape[0] // br), -(-w.shape[1] // bc)
+        scale = torch.empty(rows, cols)
+        q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+        deq = torch.empty(w.shape)
+        for i in range(rows):
+            for j in range(cols):
+                cut = (slice(i * br, (i + 1) * br), slice(j * bc, (j + 1) * bc))
+                scale[i, j] = w[cut].abs().max().clamp(min=1e-12) / fp8_max
+                q[cut] = (w[cut] / scale[i, j]).to(torch.float8_e4m3fn)
+                deq[cut] = q[cut].float() * scale[i, j]
+        stored[name], stored[name + "_scale_inv"], exact[name] = q, scale, deq
+    config = json.loads((folder / "config.json").read_text())
+    for path, state, quant in ((fp8, stored, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                              "weight_block_size": list(block)}), (dequantised, exact, None)):
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+        (path / "config.json").write_text(json.dumps({**config, "quantization_config": quant} if quant else config))
+        shutil.copy(folder / "tokenizer.json", path / "tokenizer.json")

@@ -107,7 +107,7 @@ def _with_config(folder, tmp_path, **changes):
 @pytest.mark.parametrize("changes, message", [
     (dict(layer_types=["sliding_attention", "linear_attention", "heavily_compressed_attention"]), "'linear_attention'"),
     (dict(mlp_layer_types=["hash_moe", "dense", "moe"]), "'dense'"),
-    (dict(quantization_config={"quant_method": "fp8", "expert_dtype": "fp4"}), "quantised weights (fp4, fp8)"),
+    (dict(quantization_config={"quant_method": "fp8", "expert_dtype": "fp4"}), "expert_dtype 'fp4'"),
     (dict(compress_rates={"compressed_sparse_attention": 0, "heavily_compressed_attention": 8}), "rate 0"),
     (dict(compress_rates={"compressed_sparse_attention": 2.5, "heavily_compressed_attention": 8}), "rate 2.5"),
 ])

@@ -4,8 +4,8 @@ token embedding -> n streams (mHC) -> n_layers x TransformerBlock [V4 attention 
 DeepSeekMoE routed by token-id hash or learned; both residuals mHC] -> HyperHead -> RMSNorm -> logits.
 Its config.json maps onto `V4LMConfig` (per-layer attention from `layer_types`, hash routing from
 `mlp_layer_types`), its tensor names onto dsfuse's through the registry of models/hf_arch.
-Not supported yet, each refused in one line: quantised weights (FP8/FP4), YaRN on the compressed layers,
-padding masks.
+FP8 checkpoints load dequantised through the shared loader (models/hf_quant); not supported yet, each
+refused in one line: FP4-packed experts (`expert_dtype: fp4`), YaRN on the compressed layers, padding masks.
 """
 
 from __future__ import annotations
@@ -81,11 +81,6 @@ def _known(hf: dict[str, Any], key: str, allowed: object) -> list[str]:
 
 
 def _refuse_unsupported(hf: dict[str, Any]) -> None:
-    quant = hf.get("quantization_config")
-    if quant:
-        formats = {str(quant.get(k)) for k in ("quant_method", "fmt", "expert_dtype") if quant.get(k)}
-        raise UsageError(f"quantised weights ({', '.join(sorted(formats)) or 'unnamed format'}) are not supported "
-                         "yet: give a bf16/fp32 checkpoint")
     for kind, params in (hf.get("rope_parameters") or {}).items():
         if isinstance(params, dict) and params.get("rope_type", "default") != "default":
             raise UsageError(f"rope scaling {params['rope_type']!r} on V4's {kind} layers is not supported yet")

@@ -2,12 +2,13 @@
 with model.safetensors.index.json) and tokenizer.json.
 
     folder = ModelFolder(path)            # config and architecture read, shards checked, nothing loaded
-    model = load_model(folder)            # the whole model, weights in their stored dtype
+    model = load_model(folder)            # the whole model, weights in their stored dtype (FP8: bfloat16)
     model = load_model(folder, torch.float32)
     for layer in streamed_layers(folder, skeleton(folder), x):   # one decoder layer resident at a time
         x = layer(x, causal=True)
 
-Tensors are read through memory-mapped `safe_open` handles, one module at a time.
+Tensors are read through memory-mapped `safe_open` handles, one module at a time; FP8 block-wise
+weights (DeepSeek-V3/R1/V4's releases, see hf_quant) are dequantised one tensor at a time as they are read.
 Everything wrong with the folder is a one-line `UsageError`.
 """
 
@@ -25,15 +26,18 @@ from dsfuse.errors import UsageError
 from dsfuse.models import deepseek_v4  # noqa: F401  registers DeepseekV4ForCausalLM
 from dsfuse.models.causal_lm import CausalLMConfig
 from dsfuse.models.hf_arch import Architecture, architecture_of
+from dsfuse.models.hf_quant import FLOAT8, Fp8Blocks, quantisation_of, scale_names
 
 INDEX = "model.safetensors.index.json"
 
 
 class WeightFiles:
-    """Tensor name -> shard, read lazily through memory-mapped safetensors handles."""
+    """Tensor name -> shard, read lazily through memory-mapped safetensors handles; FP8 tensors of a
+    `quant` checkpoint come back dequantised."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, quant: Fp8Blocks | None = None):
         self.folder = folder
+        self.quant = quant
         self._handles: dict[str, Any] = {}
         index = folder / INDEX
         if index.is_file():
@@ -65,7 +69,21 @@ class WeightFiles:
         mappings stop counting as this process's memory."""
         self._handles.clear()
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor `name` as stored, or, if it is FP8, dequantised with its scales into `dtype` (None:
+        bfloat16, half the memory of float32)."""
+        tensor = self._read(name)
+        if tensor.dtype not in FLOAT8:
+            return tensor
+        if self.quant is None:
+            raise UsageError(f"tensor {name} is stored as {str(tensor.dtype).removeprefix('torch.')}, but config.json "
+                             "declares no quantization_config", self.folder)
+        scales = next((s for s in scale_names(name) if s in self.where), None)
+        if scales is None:
+            raise UsageError(f"the FP8 tensor {name} has no scales (no {' or '.join(scale_names(name))})", self.folder)
+        return self.quant.dequantise(name, tensor, self._read(scales), dtype or torch.bfloat16)
+
+    def _read(self, name: str) -> torch.Tensor:
         if name not in self.where:
             raise UsageError(f"the checkpoint has no tensor {name}", self.folder)
         return self._open(self.where[name]).get_tensor(name)
@@ -88,11 +106,13 @@ class ModelFolder:
             raise UsageError("config.json is not a JSON object", config)
         self.path = path
         self.arch: Architecture = architecture_of(self.hf)
+        self.quant = quantisation_of(self.hf)
+        self.dtype = torch.bfloat16 if self.quant else None  # what "auto" loads: FP8 becomes bfloat16
         try:
             self.config: CausalLMConfig = self.arch.config(self.hf)
         except (ValueError, TypeError) as e:
             raise UsageError(f"config.json does not describe a valid {self.arch.name} ({e})", config) from None
-        self.weights = WeightFiles(path)
+        self.weights = WeightFiles(path, self.quant)
 
     def tokenizer(self) -> Any:
         """The `tokenizers.Tokenizer` of tokenizer.json."""
@@ -110,11 +130,13 @@ class ModelFolder:
 def load_module(folder: ModelFolder, module: nn.Module, prefix: str = "",
                 dtype: torch.dtype | None = None) -> nn.Module:
     """Fill `module` (the model, or its submodule at `prefix`, possibly on the meta device) with its
-    checkpoint tensors, in `dtype` (None: as stored). A tensor whose shape does not fit is named."""
+    checkpoint tensors, in `dtype` (None: as stored, and bfloat16 for an FP8 checkpoint). A tensor whose
+    shape does not fit is named."""
+    dtype = dtype or folder.dtype
     state = {}
     for key, target in module.state_dict(keep_vars=True).items():
         source = folder.arch.source(prefix + key, folder.hf, folder.config)
-        tensors = [folder.weights.get(name) for name in source.names]
+        tensors = [folder.weights.get(name, dtype) for name in source.names]
         try:
             tensor = source.build(tensors)
         except RuntimeError:
@@ -125,14 +147,15 @@ def load_module(folder: ModelFolder, module: nn.Module, prefix: str = "",
                              f"the config ({prefix + key} needs {tuple(target.shape)})", folder.path)
         if any(tensor is t for t in tensors):  # its own memory, so the shard's mapping can be let go
             tensor = tensor.clone()
-        state[key] = tensor if dtype is None else tensor.to(dtype)
+        cast = dtype is not None and tensor.is_floating_point()  # integer tables (V4's hash routes) stay as they are
+        state[key] = tensor.to(dtype) if cast else tensor
     module.load_state_dict(state, strict=True, assign=True)
     folder.weights.release()
     return module
 
 
 def load_model(folder: ModelFolder, dtype: torch.dtype | None = None) -> nn.Module:
-    """The whole model, in eval mode on the CPU."""
+    """The whole model, in eval mode on the CPU, in `dtype` (None: as stored; bfloat16 for FP8 weights)."""
     model = skeleton(folder)
     for name, child in model.named_children():  # module by module: each one's reading pages are let go
         if name == "layers":
