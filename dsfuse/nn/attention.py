@@ -257,6 +257,20 @@ def _sdpa(q, k, v, key_mask, causal, offset, dropout, scale=None):
                                           enable_gqa=gqa)
 
 
+def rotate_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     cache: KVCache | None, rope: RotaryEmbedding | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """Rotary positions continuing after the cached tokens, then the new keys and values appended to
+    `cache`: the q, k, v and key mask attention sees, and the new tokens' offset."""
+    offset = cache.length if cache is not None else 0
+    if rope is not None:
+        q, k = rope(q, offset), rope(k, offset)
+    if cache is not None:
+        cached = cache.append(mask, q.shape[-2], k=(k, 2), v=(v, 2))
+        k, v, mask = cached["k"], cached["v"], cache.key_mask
+    return q, k, v, mask, offset
+
+
 # --------------------------------------------------------------------------- MHA / GQA / MQA
 
 class Attention(nn.Module):
@@ -287,12 +301,7 @@ class Attention(nn.Module):
         if self.cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         v = rearrange(self.wv(x), "b t (h d) -> b h t d", h=self.kv_heads)
-        offset = cache.length if cache is not None else 0
-        if self.rope is not None:
-            q, k = self.rope(q, offset), self.rope(k, offset)
-        if cache is not None:
-            cached = cache.append(mask, x.shape[1], k=(k, 2), v=(v, 2))
-            k, v, mask = cached["k"], cached["v"], cache.key_mask
+        q, k, v, mask, offset = rotate_and_cache(q, k, v, mask, cache, self.rope)
         out = _sdpa(q, k, v, mask, causal, offset, self.cfg.dropout if self.training else 0.0)
         return self.wo(rearrange(out, "b h t d -> b t (h d)"))
 

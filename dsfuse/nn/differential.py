@@ -15,7 +15,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from dsfuse.nn.attention import KVCache, RotaryEmbedding, _sdpa
+from dsfuse.nn.attention import KVCache, RotaryEmbedding, _sdpa, rotate_and_cache
 
 
 def lambda_init(depth: int) -> float:
@@ -51,12 +51,7 @@ class DifferentialAttention(nn.Module):
         q = rearrange(self.wq(x), "b t (h d) -> b h t d", h=2 * self.n_heads)
         k = rearrange(self.wk(x), "b t (h d) -> b h t d", h=2 * self.n_heads)
         v = rearrange(self.wv(x), "b t (h d) -> b h t d", h=self.n_heads)
-        offset = cache.length if cache is not None else 0
-        if self.rope is not None:
-            q, k = self.rope(q, offset), self.rope(k, offset)
-        if cache is not None:
-            cached = cache.append(mask, x.shape[1], k=(k, 2), v=(v, 2))
-            k, v, mask = cached["k"], cached["v"], cache.key_mask
+        q, k, v, mask, offset = rotate_and_cache(q, k, v, mask, cache, self.rope)
         scale = 1.0 / math.sqrt(self.head_dim)
         first = _sdpa(q[:, 0::2], k[:, 0::2], v, mask, causal, offset, 0.0, scale=scale)
         second = _sdpa(q[:, 1::2], k[:, 1::2], v, mask, causal, offset, 0.0, scale=scale)
