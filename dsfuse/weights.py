@@ -143,7 +143,7 @@ MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.
 def model_folder(name: str, quiet: bool = False) -> Path:
     """The folder of model `name`: a local folder as it is; else a Hugging Face Hub id, found in the Hub's
     cache or (when online) downloaded into it by huggingface_hub, which verifies each file."""
-    path = Path(name).expanduser()
+    path = Path(name)
     if path.exists() or not HUB_ID.fullmatch(name):
         if not path.exists():
             raise UsageError("no such model folder (nor a Hugging Face Hub id, owner/name)", name)

@@ -49,6 +49,8 @@ def folder(tmp_path):
     ("tokenize-image", {"images": ["ELSEWHERE/**/*.png"], "checkpoint": "run"}),     # an absolute glob
     ("tokenize-image", {"images": ["../elsewhere/*.png"], "checkpoint": "run"}),     # a glob going up
     ("audio-emotion-synthetic", {"out": "/tmp/x"}),                                  # a positional output
+    ("moe-inspect", {"model": "~/models/v3", "text": "essay.txt"}),                  # a home folder, expanded
+    ("sample", {"checkpoint": "~/run", "out": "grid.png"}),                          # the same in an option
 ])
 def test_paths_outside_the_root_are_refused(folder, tool, arguments):
     arguments = {k: [v.replace("ELSEWHERE", str(folder.parent / "elsewhere")) for v in val]

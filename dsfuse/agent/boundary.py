@@ -50,6 +50,8 @@ class Boundary:
     def path(self, value: str, name: str) -> Path:
         """`value` (relative to the root, or absolute) resolved inside the root, else BoundaryError."""
         self.check_value(value, name)
+        if value.startswith("~"):  # a command may expand it to a home folder outside the root
+            raise BoundaryError(f"argument {name}: {value!r} is outside the working folder {self.root}")
         resolved = (self.root / value).resolve()
         if resolved != self.root and self.root not in resolved.parents:
             raise BoundaryError(f"argument {name}: {value!r} is outside the working folder {self.root}")
@@ -63,6 +65,8 @@ class Boundary:
         out: list[str] = []
         for value in values:
             self.check_value(value, name)
+            if value.startswith("~"):
+                raise BoundaryError(f"argument {name}: {value!r} is outside the working folder {self.root}")
             if GLOB_CHARS & set(value) and not (self.root / value).exists():
                 if Path(value).is_absolute() or ".." in PurePath(value).parts:
                     raise BoundaryError(f"argument {name}: the pattern {value!r} must stay inside the working folder")
