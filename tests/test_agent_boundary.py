@@ -130,6 +130,7 @@ def test_tools_get_no_secrets_and_no_import_path_into_the_root(folder, monkeypat
     env = Boundary.at(folder).environment()
     assert "DEEPSEEK_API_KEY" not in env and "GITHUB_TOKEN" not in env and env["PATH"] == os.environ["PATH"]
     assert env["PYTHONPATH"] == "/opt/lib"
+    assert env["DSFUSE_OFFLINE"] == env["HF_HUB_OFFLINE"] == "1"  # no downloads into caches outside the root
 
 
 # ---------------------------------------------------------------- limits and a consistent history

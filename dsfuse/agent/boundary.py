@@ -123,11 +123,13 @@ class Boundary:
         os.chdir(self.root)
         for name in [k for k in os.environ if SECRET_NAME.search(k)]:
             del os.environ[name]
+        os.environ.update(NO_DOWNLOADS)
         sys.path[:] = [p for p in sys.path if not _inside(Path(p or "."), self.root)] + [PACKAGE_ROOT]
 
     def environment(self) -> dict[str, str]:
-        """The tool process's environment: the user's, less secrets and import paths into the root."""
-        env = {k: v for k, v in os.environ.items() if not SECRET_NAME.search(k)}
+        """The tool process's environment: the user's, less secrets and import paths into the root, with
+        downloads off (weights and Hub models already in the user's caches still load)."""
+        env = {k: v for k, v in os.environ.items() if not SECRET_NAME.search(k)} | NO_DOWNLOADS
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if os.path.isabs(p)]
         env["PYTHONPATH"] = os.pathsep.join(p for p in paths if not _inside(Path(p), self.root))
         return env
@@ -148,6 +150,8 @@ def _is_number(text: str) -> bool:
 
 # The folder this dsfuse was imported from (a source checkout, or site-packages).
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+# A model's tool call never downloads: a download writes into a cache outside the root.
+NO_DOWNLOADS = {"DSFUSE_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 # `-c` puts "" (the working folder) first on sys.path: drop it, and append the folder this dsfuse was
 # imported from (a source checkout) after everything else, so no file in the root shadows a module.
 TOOL_BOOTSTRAP = "import sys; del sys.path[0]; sys.path.append(sys.argv.pop(1)); from dsfuse.cli import main; main()"
