@@ -86,6 +86,8 @@ def test_bad_text_is_refused(tmp_path):
         with pytest.raises(Exception, match=message):
             read_text(str(arg))
     assert read_text("a sentence.txt with spaces") == ("a sentence.txt with spaces", "the given text")
+    essay = "a long paragraph given inline " * 20  # longer than any file name the OS accepts
+    assert read_text(essay) == (essay, "the given text")
 
 
 @pytest.mark.parametrize("fault, message", [

@@ -45,7 +45,7 @@ def read_text(arg: str) -> tuple[str, str]:
     anything else is the text itself. Empty or undecodable text is a usage error."""
     if arg == "-":
         data, source = sys.stdin.buffer.read(), "stdin"
-    elif Path(arg).is_file():
+    elif _is_file(arg):
         data, source = Path(arg).read_bytes(), arg
     elif " " not in arg and Path(arg).suffix in (".txt", ".md", ".py", ".json", ".jsonl", ".csv", ".html"):
         raise UsageError("no such text file", arg)
@@ -58,6 +58,14 @@ def read_text(arg: str) -> tuple[str, str]:
     if not text.strip():
         raise UsageError("the text is empty", source)
     return text, source
+
+
+def _is_file(arg: str) -> bool:
+    """Whether `arg` names a file; a long sentence is no file name (the OS refuses to look it up)."""
+    try:
+        return Path(arg).is_file()
+    except OSError:
+        return False
 
 
 def route_text(folder: ModelFolder, tokenizer: Any, text: str, source: str, dtype: torch.dtype | None,
