@@ -150,6 +150,16 @@ def test_bad_configs_are_refused_naming_what(pair, tmp_path, changes, message):
         ModelFolder(folder)
 
 
+@pytest.mark.parametrize("yarn", ["compress"], indirect=True)
+def test_a_flat_yarn_entry_scales_the_compressed_layers_as_transformers_does(yarn, tmp_path):
+    """A config.json with rope_parameters written flat loads as transformers nests it (compress, factor 1)."""
+    _, model, folder = yarn
+    flat = load_model(ModelFolder(_with_config(folder, tmp_path, rope_parameters=YARN)))
+    tokens = torch.randint(0, 300, (1, 41), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(flat(tokens), model(tokens))
+
+
 def test_an_unknown_layer_type_is_one_line_from_the_shell(pair, tmp_path):
     folder = _with_config(pair[2], tmp_path, layer_types=["sliding_attention"] * 2 + ["linear_attention"])
     assert_one_line_error(run_cli("moe-inspect", folder, "--text", "hello"), 2, "linear_attention")
