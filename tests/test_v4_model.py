@@ -50,6 +50,21 @@ def other(tmp_path_factory):
                   sliding_window=8, index_topk=5, hc_mult=2, o_groups=4, partial_rotary_factor=0.5)
 
 
+YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16, beta_fast=32.0, beta_slow=1.0)
+
+
+@pytest.fixture(scope="module", params=["compress", "every"])
+def yarn(request, tmp_path_factory):
+    """YaRN past a 16-token original context: flat as V4's releases write it (the compressed layers only, cos/sin
+    unscaled), or per kind (sliding layers too, with the mscale temperature on cos/sin)."""
+    if request.param == "compress":
+        rope = YARN
+    else:
+        rope = {"main": {**YARN, "factor": 2.0, "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+                "compress": {**YARN, "mscale": 1.0, "rope_theta": 160000.0, "partial_rotary_factor": 0.25}}
+    return _saved(tmp_path_factory.mktemp("v4-yarn"), rope_parameters=rope, max_position_embeddings=64)
+
+
 def _recorded(reference, tokens) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     picks, experts = [], []
     hooks = [m.register_forward_hook(lambda mod, a, out: picks.append(out))
@@ -92,6 +107,21 @@ def test_twenty_greedy_tokens_with_the_cache_match(which, request):
     assert list(generate(model, prompt.tolist(), max_new_tokens=20, stop=set())) == expected
 
 
+def test_yarn_logits_and_greedy_tokens_match_transformers(yarn):
+    """41 tokens, past the original 16: the scaled frequencies (and temperature) decide the logits."""
+    reference, model, _ = yarn
+    scalings = {m.rope.scaling.kind for m in model.modules() if isinstance(m, V4Attention) and m.rope.scaling}
+    assert scalings == {"yarn"}
+    tokens = torch.randint(0, 300, (2, 41), generator=torch.Generator().manual_seed(3))
+    expected, _, _ = _recorded(reference, tokens)
+    with torch.no_grad():
+        assert (model(tokens) - expected).abs().max() < 1e-4
+    prompt = torch.randint(0, 300, (10,), generator=torch.Generator().manual_seed(4))
+    greedy = reference.generate(prompt[None], max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[0, 10:].tolist()
+    assert list(generate(model, prompt.tolist(), max_new_tokens=20, stop=set())) == greedy
+
+
 def _with_config(folder, tmp_path, **changes):
     """A copy of the model folder whose config.json has `changes` applied."""
     copy = tmp_path / "edited"
@@ -110,11 +140,24 @@ def _with_config(folder, tmp_path, **changes):
     (dict(quantization_config={"quant_method": "fp8", "expert_dtype": "fp4"}), "expert_dtype 'fp4'"),
     (dict(compress_rates={"compressed_sparse_attention": 0, "heavily_compressed_attention": 8}), "rate 0"),
     (dict(compress_rates={"compressed_sparse_attention": 2.5, "heavily_compressed_attention": 8}), "rate 2.5"),
+    (dict(rope_parameters={"main": {"rope_type": "default"}, "compress": {"rope_type": "longrope", "factor": 4}}),
+     "'longrope' on V4's compressed layers"),
+    (dict(rope_parameters={"rope_type": "dynamic", "factor": 4}), "'dynamic' on V4's compressed layers"),
 ])
 def test_bad_configs_are_refused_naming_what(pair, tmp_path, changes, message):
     folder = _with_config(pair[2], tmp_path, **changes)
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ModelFolder(folder)
+
+
+@pytest.mark.parametrize("yarn", ["compress"], indirect=True)
+def test_a_flat_yarn_entry_scales_the_compressed_layers_as_transformers_does(yarn, tmp_path):
+    """A config.json with rope_parameters written flat loads as transformers nests it (compress, factor 1)."""
+    _, model, folder = yarn
+    flat = load_model(ModelFolder(_with_config(folder, tmp_path, rope_parameters=YARN)))
+    tokens = torch.randint(0, 300, (1, 41), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(flat(tokens), model(tokens))
 
 
 def test_an_unknown_layer_type_is_one_line_from_the_shell(pair, tmp_path):

@@ -5,7 +5,8 @@ DeepSeekMoE routed by token-id hash or learned; both residuals mHC] -> HyperHead
 Its config.json maps onto `V4LMConfig` (per-layer attention from `layer_types`, hash routing from
 `mlp_layer_types`), its tensor names onto dsfuse's through the registry of models/hf_arch.
 FP8 checkpoints load dequantised through the shared loader (models/hf_quant); not supported yet, each
-refused in one line: FP4-packed experts (`expert_dtype: fp4`), YaRN on the compressed layers, padding masks.
+refused in one line: FP4-packed experts (`expert_dtype: fp4`), padding masks. `rope_parameters` scale each kind's
+RoPE as the config says (`main`: sliding layers, `compress`: CSA/HCA and their compressors; YaRN, llama3, linear).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from dsfuse import choices
 from dsfuse.errors import UsageError
 from dsfuse.models.causal_lm import CausalLM, CausalLMConfig
-from dsfuse.models.hf_arch import Architecture, Source, _base, _get, register
+from dsfuse.models.hf_arch import Architecture, Source, _base, _get, register, rope_scaling_of
 from dsfuse.nn.hyper_connections import HyperConfig, HyperHead, expand_streams
 from dsfuse.nn.moe import MoEConfig
 from dsfuse.nn.transformer import TransformerBlock
@@ -81,12 +82,24 @@ def _known(hf: dict[str, Any], key: str, allowed: object) -> list[str]:
 
 
 def _refuse_unsupported(hf: dict[str, Any]) -> None:
-    for kind, params in (hf.get("rope_parameters") or {}).items():
-        if isinstance(params, dict) and params.get("rope_type", "default") != "default":
-            raise UsageError(f"rope scaling {params['rope_type']!r} on V4's {kind} layers is not supported yet")
     if int(hf.get("num_key_value_heads", 1)) != 1:
         raise UsageError("DeepSeek-V4 attention has one shared key/value head; config.json says "
                          f"{hf['num_key_value_heads']}")
+
+
+def _rope_parameters(hf: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (main, compress) rope parameters. A flat dict, as transformers reads it, scales the compressed layers
+    only, and YaRN there leaves cos/sin unscaled unless it says otherwise."""
+    params = hf.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise UsageError(f"config.json's rope_parameters is {params!r}, not a mapping")
+    if "main" in params or "compress" in params:
+        main, compress = params.get("main") or {}, params.get("compress") or {}
+        if not isinstance(main, dict) or not isinstance(compress, dict):
+            raise UsageError("config.json's rope_parameters main and compress must each be a mapping")
+        return main, compress
+    defaults = {"attention_factor": 1.0} if params.get("rope_type", params.get("type")) == "yarn" else {}
+    return {}, {**defaults, **params, "rope_theta": hf.get("compress_rope_theta")}
 
 
 def v4_config(hf: dict[str, Any]) -> V4LMConfig:
@@ -97,8 +110,7 @@ def v4_config(hf: dict[str, Any]) -> V4LMConfig:
     head_dim = int(_get(hf, "head_dim"))
     rope_dim = int(hf.get("qk_rope_head_dim") or head_dim * float(_get(hf, "partial_rotary_factor")))
     dim, eps = int(_get(hf, "hidden_size")), float(hf.get("rms_norm_eps", 1e-6))
-    params = hf.get("rope_parameters") or {}
-    main, compress = params.get("main") or {}, params.get("compress") or {}
+    main, compress = _rope_parameters(hf)
 
     def attention(kind: str) -> V4AttentionConfig:
         rate = 1 if kind == "sliding_attention" else rates.get(kind)
@@ -113,6 +125,8 @@ def v4_config(hf: dict[str, Any]) -> V4LMConfig:
             index_head_dim=int(_get(hf, "index_head_dim")), index_topk=int(_get(hf, "index_topk")),
             rope_theta=float(main.get("rope_theta") or hf.get("rope_theta") or 10000.0),
             compress_rope_theta=float(compress.get("rope_theta") or hf.get("compress_rope_theta") or 160000.0),
+            rope_scaling=rope_scaling_of(main, " on V4's sliding layers"),
+            compress_rope_scaling=rope_scaling_of(compress, " on V4's compressed layers"),
             norm_eps=eps)
 
     layer_attention = tuple(attention(kind) for kind in layer_types)

@@ -132,18 +132,24 @@ def _get(hf: dict[str, Any], key: str, default: Any = ...) -> Any:
 
 def rope_scaling(hf: dict[str, Any]) -> RopeScaling | None:
     """`rope_scaling` (older configs) or `rope_parameters` (transformers 5) as a RopeScaling, None if plain."""
-    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    return rope_scaling_of(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+
+
+def rope_scaling_of(params: dict[str, Any], where: str = "") -> RopeScaling | None:
+    """One rope-parameters dict as a RopeScaling, None if plain; `where` names its layers in the refusal."""
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind == "default":
         return None
     if kind not in ("yarn", "llama3", "linear"):
-        raise UsageError(f"rope scaling {kind!r} is not supported (yarn, llama3, linear are)")
-    return RopeScaling(kind, float(params["factor"]),
+        raise UsageError(f"rope scaling {kind!r}{where} is not supported (yarn, llama3, linear are)")
+    factor = params.get("attention_factor")
+    return RopeScaling(kind, float(_get(params, "factor")),
                        original_max_position=int(params.get("original_max_position_embeddings") or 4096),
                        beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
                        mscale=float(params.get("mscale") or 0), mscale_all_dim=float(params.get("mscale_all_dim") or 0),
                        low_freq_factor=float(params.get("low_freq_factor") or 1),
-                       high_freq_factor=float(params.get("high_freq_factor") or 4))
+                       high_freq_factor=float(params.get("high_freq_factor") or 4),
+                       attention_factor=None if factor is None else float(factor))
 
 
 def rope_theta(hf: dict[str, Any]) -> float:

@@ -40,6 +40,7 @@ class RopeScaling:
     mscale_all_dim: float = 0.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
+    attention_factor: float | None = None  # yarn: the cos/sin factor when the config fixes it (V4 uses 1)
 
     def __post_init__(self) -> None:
         if self.kind not in ("yarn", "llama3", "linear"):
@@ -77,6 +78,8 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = 
     high = min(math.ceil(correction_dim(scaling.beta_slow)), head_dim - 1)
     ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
     inv_freq = inv_freq / scaling.factor * ramp + inv_freq * (1 - ramp)
+    if scaling.attention_factor is not None:
+        return inv_freq, scaling.attention_factor
     attention_factor = (yarn_mscale(scaling.factor, scaling.mscale) / yarn_mscale(scaling.factor, scaling.mscale_all_dim)
                         if scaling.mscale and scaling.mscale_all_dim else yarn_mscale(scaling.factor))
     return inv_freq, attention_factor

@@ -25,6 +25,7 @@ from einops import einsum, rearrange
 from torch import nn
 
 from dsfuse import choices
+from dsfuse.nn.attention import RopeScaling
 from dsfuse.nn.interleaved_rope import InterleavedRope
 from dsfuse.nn.kv_compression import CompressorState, KVCompressor, LightningIndexer, visible_rows
 from dsfuse.nn.sink_attention import ExtraRows, window_sink_attention
@@ -47,6 +48,8 @@ class V4AttentionConfig:
     index_topk: int = 8
     rope_theta: float = 10000.0  # sliding layers
     compress_rope_theta: float = 160000.0  # CSA/HCA layers and their compressors
+    rope_scaling: RopeScaling | None = None  # context extension of the sliding layers' RoPE
+    compress_rope_scaling: RopeScaling | None = None  # ... and of the CSA/HCA layers' (YaRN in V4's releases)
     norm_eps: float = 1e-6
     chunk: int = 256  # queries per attention chunk (memory, not results)
 
@@ -122,7 +125,8 @@ class V4Attention(nn.Module):
         self.o_b_proj = nn.Linear(cfg.o_groups * cfg.o_lora_rank, cfg.dim, bias=False)
         self.sinks = nn.Parameter(torch.zeros(h))
         sliding = cfg.layer_type == "sliding_attention"
-        self.rope = InterleavedRope(cfg.rope_dim, cfg.rope_theta if sliding else cfg.compress_rope_theta)
+        self.rope = (InterleavedRope(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling) if sliding else
+                     InterleavedRope(cfg.rope_dim, cfg.compress_rope_theta, cfg.compress_rope_scaling))
         self.compressor = self.indexer = None
         if not sliding:
             sparse = cfg.layer_type == "compressed_sparse_attention"
