@@ -94,6 +94,9 @@ def test_the_model_cannot_pass_a_config_file(folder):  # its paths would escape 
 def test_writing_over_an_existing_path_is_asked_even_with_yes(folder):
     checked = call("sample", folder, checkpoint="run", out="photos/family.png")
     assert checked.overwrites == [folder / "photos" / "family.png"]
+    for tool, arguments in (("classify-video-predict", {"videos": ["photos"], "render": "photos/family.png"}),
+                            ("moe-inspect", {"model": "photos", "routes_out": "photos/family.png"})):
+        assert call(tool, folder, **arguments).overwrites == [folder / "photos" / "family.png"], tool
     asked = []
 
     def user(argv, overwrites):

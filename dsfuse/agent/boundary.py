@@ -21,7 +21,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 # Path arguments that name something a command writes.
-OUTPUT_PARAMS = {"out", "plot", "transcript"}
+OUTPUT_PARAMS = {"out", "plot", "transcript", "render", "routes_out", "attention"}
 # Environment variables a tool's process does not get: API keys, tokens, passwords.
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE|SESSION", re.IGNORECASE)
 GLOB_CHARS = set("*?[")
