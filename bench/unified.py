@@ -10,7 +10,10 @@
 - differential against standard (MHA) attention at equal size on a long-context retrieval toy: a key's
   value hidden among distractor pairs.
 
-    python bench/unified.py                  # full scale (about 30 minutes of CPU training)
+Images are 32 px, an 8x8 grid of codes from a 128-code tokenizer; captions name the shape first
+(`--captions colour-first` measures the other order).
+
+    python bench/unified.py                  # full scale (about 35 minutes of CPU)
     python bench/unified.py --scale 0.25     # reduced: a quarter of the data and steps
     python bench/unified.py --scale 1 --device cuda
 """
@@ -35,6 +38,7 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's dsfuse, not an installed one
 
 from dsfuse.checkpoint import CheckpointMeta
+from dsfuse.choices import CaptionOrder, values
 from dsfuse.data.bpe import train_bpe
 from dsfuse.data.captioned import ATTRIBUTES, parse_caption, read_captioned, write_captioned_set
 from dsfuse.data.images import load_image
@@ -48,6 +52,7 @@ from dsfuse.tasks import tokenizer as vq_task
 from dsfuse.tasks import unified
 
 console = Console()
+SIZE = 32  # pixels: an 8x8 grid of codes at the tokenizer's downsampling by 4
 
 
 def scaled(n: int, scale: float, least: int = 1) -> int:
@@ -145,20 +150,22 @@ def evaluate_run(run_dir: Path, heldout: Path, seen: Path, judge: AttributeJudge
     seen_captions = seen_data.captions
     generator = torch.Generator().manual_seed(0)
 
-    def faithfulness(captions: list[str]) -> dict[str, float]:
+    def faithfulness(captions: list[str], temperature: float) -> dict[str, float]:
         prompts = [run.encode_text(c) for c in captions]
         drawn = []
-        for start in range(0, len(prompts), 64):
-            codes = unified.draw_codes(run, prompts[start:start + 64], guidance=3.0, temperature=1.0, top_k=0,
-                                       top_p=0.9, generator=generator)
+        for start in range(0, len(prompts), 64):  # `sample --prompt`'s defaults, sampled or greedy
+            codes = unified.draw_codes(run, prompts[start:start + 64], guidance=3.0, temperature=temperature,
+                                       top_k=0, top_p=1.0, generator=generator)
             drawn.append(unified.decode_images(run, codes).cpu())
         parsed = [parse_caption(c) for c in captions]
         return judged(judge, torch.cat(drawn), torch.tensor([ATTRIBUTES["shape"].index(p["shape"]) for p in parsed]),
                       torch.tensor([ATTRIBUTES["colour"].index(p["colour"]) for p in parsed]))
 
     load = unified.modality_load(run.model, run_dir)
-    return {"caption": caption_acc, "caption_seen": seen_acc, "faithful_heldout": faithfulness(data.captions),
-            "faithful_seen": faithfulness(seen_captions[:len(data.captions)]),
+    return {"caption": caption_acc, "caption_seen": seen_acc, "faithful_heldout": faithfulness(data.captions, 1.0),
+            "faithful_seen": faithfulness(seen_captions[:count], 1.0),
+            "faithful_heldout_greedy": faithfulness(data.captions, 0.0),
+            "faithful_seen_greedy": faithfulness(seen_captions[:count], 0.0),
             "specialisation": [layer["specialisation"] for layer in load],
             "params": sum(p.numel() for p in run.model.parameters()), "examples": list(zip(data.captions, said))[:4]}
 
@@ -221,33 +228,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="Share of the full data and steps (1: ~30 min CPU).")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--captions", choices=values(CaptionOrder), default="shape-first",
+                        help="Which attribute the generated captions name first.")
     parser.add_argument("--json", type=Path, help="Also write the numbers here.")
     args = parser.parse_args()
     device = select_device(args.device)
     if device.type == "cpu":  # models this small lose more to thread hand-offs than they gain (as train-moe finds)
         torch.set_num_threads(1)
     s = args.scale
-    results: dict = {"scale": s, "device": str(device)}
+    results: dict = {"scale": s, "device": str(device), "captions": args.captions}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
         (root / "shapes").mkdir()
-        write_captioned_set(root / "shapes", scaled(3000, s, 200), scaled(256, s, 64), 16, seed=0)
+        write_captioned_set(root / "shapes", scaled(3000, s, 200), scaled(256, s, 64), SIZE, seed=0,
+                            order=args.captions)
         train_dir, heldout = root / "shapes" / "train", root / "shapes" / "heldout"
 
-        vq_options = vq_task.TokenizerOptions(data=train_dir, image_size=16, downsample=4, codebook_size=64,
-                                              base_channels=16, latent_channels=8, steps=scaled(1600, s, 200),
+        vq_options = vq_task.TokenizerOptions(data=train_dir, image_size=SIZE, downsample=4, codebook_size=128,
+                                              base_channels=16, latent_channels=32, steps=scaled(3000, s, 300),
                                               batch_size=32, eval_every=0)
         _, vq_summary = vq_task.train(vq_options, root / "vq", device=str(device), quiet=True)
         results["tokenizer"] = {k: vq_summary.get(k) for k in ("psnr", "usage", "perplexity")}
         console.print(f"tokenizer: PSNR {vq_summary.get('psnr', 0):.1f} dB, {time.perf_counter() - t0:.0f}s")
 
-        images, shapes, colours, seen_captions = labelled(train_dir, 16)
+        images, shapes, colours, seen_captions = labelled(train_dir, SIZE)
         judge = train_judge(images, shapes, colours, scaled(1500, s, 400), device, root / "judge")
-        results["judge_on_heldout_real"] = judged(judge, *labelled(heldout, 16)[:3])
+        results["judge_on_heldout_real"] = judged(judge, *labelled(heldout, SIZE)[:3])
         console.print(f"judge on held-out real images: {results['judge_on_heldout_real']}")
 
-        steps = scaled(6000, s, 300)
+        steps = scaled(5000, s, 300)
         base = unified.UnifiedOptions(data=train_dir, tokenizer=root / "vq", steps=steps, batch_size=32, lr=2e-3,
                                       dim=64, layers=3, heads=4, experts=8, top_k=2, shared=1, expert_hidden=64,
                                       sample_every=0)
@@ -265,8 +275,8 @@ def main() -> None:
                                        **evaluate_run(root / name, heldout, train_dir, judge, device)}
             console.print(f"{name}: {seconds:.0f}s, {results['fusion'][name]['caption']}")
 
-        pairs = scaled(48, s, 16)
-        results["retrieval"] = {name: retrieval(name == "differential", pairs, scaled(4000, s, 400), device,
+        pairs = scaled(16, s, 8)
+        results["retrieval"] = {name: retrieval(name == "differential", pairs, scaled(6000, s, 600), device,
                                                 root / f"retrieval-{name}") for name in ("standard", "differential")}
         results["seconds"] = time.perf_counter() - t0
 
@@ -276,8 +286,8 @@ def main() -> None:
 
 
 def show(r: dict) -> None:
-    table = Table(title=f"unified-token model on captioned shapes, scale {r['scale']} on {r['device']} "
-                        f"({r['seconds'] / 60:.1f} min in all)")
+    table = Table(title=f"unified-token model on captioned shapes ({r['captions']} captions), scale {r['scale']} "
+                        f"on {r['device']} ({r['seconds'] / 60:.1f} min in all)")
     for column in ("measure", "early fusion", "parallel cross-attention"):
         table.add_column(column)
     e, p = r["fusion"]["early"], r["fusion"]["parallel"]
@@ -288,8 +298,8 @@ def show(r: dict) -> None:
         table.add_row(f"caption accuracy, {name}: held-out pairs (training images)",
                       *(f"{m['caption'][name]:.1%} ({m['caption_seen'][name]:.1%})" for m in (e, p)))
     for key, label in (("faithful_heldout", "held-out pairs"), ("faithful_seen", "seen pairs (reference)")):
-        table.add_row(f"drawn images with the asked shape and colour, {label}", f"{e[key]['both']:.1%}",
-                      f"{p[key]['both']:.1%}")
+        table.add_row(f"drawn images with the asked shape and colour, {label}: sampled (greedy)",
+                      *(f"{m[key]['both']:.1%} ({m[key + '_greedy']['both']:.1%})" for m in (e, p)))
     table.add_row("expert specialisation by modality per layer (0..1)",
                   " ".join(f"{v:.2f}" for v in e["specialisation"]), " ".join(f"{v:.2f}" for v in p["specialisation"]))
     console.print(table)

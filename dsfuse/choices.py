@@ -35,6 +35,7 @@ TrainLogger = Literal["none", "tensorboard"]
 ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]  # auto: the checkpoint's own dtype
 UnifiedFusion = Literal["early", "parallel"]  # one shared stream, or the seed's parallel cross-attention
 AttentionVariant = Literal["mla", "differential"]
+CaptionOrder = Literal["shape-first", "colour-first"]  # make-shapes' captions: which attribute is named first
 
 
 def values(choice: object) -> tuple[str, ...]:

@@ -12,11 +12,11 @@ from PIL import Image
 
 from conftest import assert_one_line_error, json_lines, run_cli
 from dsfuse.checkpoint import CheckpointMeta, read_metadata, save_checkpoint
-from dsfuse.data.captioned import (SHAPES, held_out, parse_caption, read_captioned, render, Scene,
+from dsfuse.data.captioned import (COLOURS, SHAPES, held_out, parse_caption, read_captioned, render, Scene,
                                    write_captioned_set)
 from dsfuse.errors import UsageError
 from dsfuse.models.unified import UnifiedConfig, UnifiedModel
-from dsfuse.tasks.unified import IGNORE, filter_logits, training_batch
+from dsfuse.tasks.unified import IGNORE, filter_logits, guide, load_unified, training_batch
 
 TINY = ["--dim", "32", "--heads", "2", "--experts", "4", "--expert-hidden", "32", "--batch-size", "8",
         "--text-vocab", "300", "--device", "cpu"]
@@ -43,8 +43,25 @@ def test_generated_set_keeps_the_held_out_pairs_out_of_training(tmp_path):
             assert None not in attributes.values(), caption
             assert held_out(attributes["shape"], attributes["colour"]) is wanted, caption
     assert {parse_caption(c)["shape"] for c in train.captions} == set(SHAPES)
-    assert sum(held_out(s, c) for s in SHAPES for c in ("red", "green", "blue", "yellow")) == 4
+    for colour in COLOURS:  # each colour is held out with exactly one shape, and seen with the others
+        assert sum(held_out(shape, colour) for shape in SHAPES) == 1, colour
+    for shape in SHAPES:
+        assert 0 < sum(held_out(shape, colour) for colour in COLOURS) < len(COLOURS) / 2, shape
     assert Image.open(train.images[0]).size == (16, 16)
+
+
+def test_captions_name_the_shape_first_unless_asked_otherwise(tmp_path):
+    scene = Scene("triangle", "blue", "large", "top left")
+    assert scene.caption() == "a triangle, large and blue, at the top left"
+    assert scene.caption("colour-first") == "a large blue triangle at the top left"
+    for order in ("shape-first", "colour-first"):
+        assert parse_caption(scene.caption(order)) == {"shape": "triangle", "colour": "blue", "size": "large",
+                                                       "position": "top left"}
+    proc = run_cli("make-shapes", tmp_path / "s", "--train", "3", "--heldout", "1", "--size", "16",
+                   "--captions", "colour-first", "--json")
+    assert proc.returncode == 0 and json_lines(proc.stdout)[-1]["captions"] == "colour-first", proc.stderr
+    caption = (tmp_path / "s" / "train" / "00000.txt").read_text().split()
+    assert caption[2] in COLOURS and caption[3] in SHAPES, caption
 
 
 def test_rendered_scenes_show_their_colour_where_the_caption_puts_it():
@@ -89,6 +106,22 @@ def test_cached_decoding_matches_the_full_forward(fusion, attention):
     steps = [model(ids[:, :6], mask[:, :6], cache)] + [model(ids[:, t:t + 1], mask[:, t:t + 1], cache)
                                                        for t in range(6, 14)]
     torch.testing.assert_close(torch.cat(steps, 1)[:, 3:], full[:, 3:], atol=1e-4, rtol=1e-4)
+
+
+def test_an_image_code_knows_its_grid_place_whatever_the_caption_before_it():
+    model = UnifiedModel(UnifiedConfig(text_vocab=40, image_vocab=16, image_tokens=4, dim=32, n_heads=2, experts=4,
+                                       expert_hidden=16))
+    cfg = model.config
+    codes = [41, 42, 43, 44]
+    short = torch.tensor([[1, cfg.image_start, *codes]])
+    long = torch.tensor([[1, 2, 3, 4, cfg.image_start, *codes]])
+    with torch.no_grad():
+        a, b = model.grid_embedding(cfg.is_image(short), None), model.grid_embedding(cfg.is_image(long), None)
+        torch.testing.assert_close(a[0, 2:], b[0, 5:])
+        assert a[0, :2].abs().sum() == 0, "text and markers get no grid embedding"
+        row, column = model.image_row.weight, model.image_column.weight
+        torch.testing.assert_close(a[0, 2:], torch.stack([row[0] + column[0], row[0] + column[1],
+                                                          row[1] + column[0], row[1] + column[1]]))
 
 
 def test_parallel_fusion_keeps_the_streams_apart_until_the_gates_mix_them():
@@ -140,6 +173,17 @@ def test_top_k_and_top_p_keep_only_the_likeliest_tokens():
     assert filter_logits(logits, 0.01, 0, 1.0)[0, 0] > 0.99, "a low temperature is nearly greedy"
 
 
+def test_guidance_favours_what_the_prompt_adds_among_tokens_the_prompted_model_finds_plausible():
+    cond = torch.tensor([[2.0, 1.9, -9.0, 0.0]]).log_softmax(-1)
+    uncond = torch.tensor([[2.0, 0.0, -30.0, 0.0]]).log_softmax(-1)
+    guided = guide(torch.cat([cond, uncond]), guidance=3.0, plausible=0.1)
+    assert guided.shape == (1, 4) and guided.argmax(-1).item() == 1, "token 1 is what the prompt adds"
+    assert guided[0, 2] == float("-inf"), "token 2 gains most from guidance but the prompted model finds it unlikely"
+    torch.testing.assert_close(guided[0, 1], uncond[0, 1] + 3.0 * (cond[0, 1] - uncond[0, 1]))
+    assert guide(torch.cat([cond, uncond]), guidance=3.0, plausible=1e-6)[0].argmax().item() == 2, \
+        "without the plausibility floor, guidance alone picks the unlikely token"
+
+
 # --------------------------------------------------------------------------- the commands
 
 @pytest.fixture(scope="module")
@@ -166,6 +210,9 @@ def test_train_unified_writes_a_run_with_both_tokenizers_and_previews(trained):
         assert (run / f"samples_{step}.png").is_file() and (run / f"captions_{step}.jsonl").is_file()
     previews = json_lines((run / "captions.jsonl").read_text())
     assert len(previews) == 8 and all(set(p) == {"caption", "generated"} for p in previews)
+    loaded = load_unified(run, torch.device("cpu"))
+    vectors = loaded.vq.quantizer.decode_indices(torch.arange(16))
+    torch.testing.assert_close(loaded.model.code_vectors, vectors)  # image codes embedded through the tokenizer's
 
 
 def test_sample_prompt_and_caption_use_the_run(trained, tmp_path):
@@ -186,7 +233,7 @@ def test_sample_prompt_and_caption_use_the_run(trained, tmp_path):
     assert [Path(r["file"]).name for r in records] == ["00000.png"] and isinstance(records[0]["caption"], str)
     assert "missing.png" in proc.stderr and "Traceback" not in proc.stderr
 
-    inspected = run_cli("moe-inspect", "-c", run, "--json", "--device", "cpu")
+    inspected = run_cli("moe-inspect", run, "--json", "--device", "cpu")  # a run as MODEL reads as -c RUN
     assert inspected.returncode == 0, inspected.stderr
     layers = json_lines(inspected.stdout)[0]["layers"]
     assert len(layers) == 2
@@ -211,6 +258,11 @@ def test_bad_input_is_one_line(trained, tmp_path):
     Image.new("RGB", (16, 16)).save(uncaptioned / "a.png")
     assert_one_line_error(run_cli("train-unified", uncaptioned, "--tokenizer", vq, "--out", tmp_path / "r", "-q"),
                           2, "no captioned images")
+    before = (run / "model.safetensors").read_bytes()
+    other = tiny_vq(tmp_path / "other_vq.safetensors")  # fresh weights: another tokenizer's codes
+    assert_one_line_error(run_cli("train-unified", data, "--tokenizer", other, "--out", run, "--resume", "-q"), 2,
+                          "another tokenizer")
+    assert (run / "model.safetensors").read_bytes() == before, "the run is left as it was"
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from dsfuse.choices import CaptionOrder
 from dsfuse.cli.common import DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt, command
 from dsfuse.report import console, emit_json
 
@@ -18,10 +19,11 @@ def make_shapes(
     train: Annotated[int, typer.Option("--train", help="Training images.")] = 2000,
     heldout: Annotated[int, typer.Option("--heldout", help="Images of the held-out (shape, colour) pairs.")] = 200,
     size: Annotated[int, typer.Option("--size", help="Width and height in pixels.")] = 32,
+    captions: Annotated[CaptionOrder, typer.Option("--captions", help="shape-first: 'a triangle, large and blue, at the top left'; colour-first: 'a large blue triangle at the top left'.")] = "shape-first",
     device: DeviceOpt = "auto", seed: SeedOpt = 0, json: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False, force: ForceOpt = False,
 ) -> None:
-    """Write captioned shapes ("a small red circle at the top left"); four (shape, colour) pairs appear only
-    in OUT/heldout, never in OUT/train.
+    """Write captioned shapes ("a circle, small and red, at the top left"); eight (shape, colour) pairs
+    appear only in OUT/heldout, never in OUT/train.
 
     Example: dsfuse make-shapes data/shapes --train 2000 --heldout 200
     """
@@ -29,7 +31,8 @@ def make_shapes(
     from dsfuse.tasks.unified import make_shapes as write_shapes
 
     select_device(device)  # checked like every command's, though drawing shapes needs no accelerator
-    summary = write_shapes(out, n_train=train, n_heldout=heldout, size=size, seed=seed, force=force)
+    summary = write_shapes(out, n_train=train, n_heldout=heldout, size=size, seed=seed, order=captions,
+                           force=force)
     if json:
         emit_json(summary)
     elif not quiet:

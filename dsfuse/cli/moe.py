@@ -63,10 +63,13 @@ def moe_inspect(
     Example: dsfuse moe-inspect --experts 64 --top-k 6 --router aux-free --plot load.png
     Example: dsfuse moe-inspect deepseek-ai/DeepSeek-V2-Lite --text essay.txt --plot load.png
     Example: dsfuse moe-inspect ./deepseek-v4-folder --text essay.txt --attention sparse.png
+    Example: dsfuse moe-inspect runs/unified         # a dsfuse run: text and image tokens' expert load
     """
     from dsfuse.device import seed_everything, select_device
     from dsfuse.tasks import moe
 
+    if model is not None and checkpoint is None and is_dsfuse_checkpoint(model):
+        model, checkpoint = None, Path(model)  # `moe-inspect RUN` reads as --checkpoint RUN
     if model is not None:
         inspect_model(model, text, compare, routes_out, attention, dtype, max_tokens, plot, json, quiet, force,
                       select_device(device),
@@ -96,6 +99,20 @@ def moe_inspect(
                     [modality_row(r) for r in result["layers"]])
     if plot is not None:
         console.print(f"load heatmap: {plot}")
+
+
+def is_dsfuse_checkpoint(model: str) -> bool:
+    """Whether MODEL is a dsfuse run or checkpoint rather than a Hugging Face folder or Hub id."""
+    from dsfuse.checkpoint import read_metadata
+
+    path = Path(model)
+    if not path.exists() or (path / "config.json").exists():
+        return False
+    try:
+        read_metadata(path)
+    except UsageError:
+        return False
+    return True
 
 
 def inspect_model(model: str, text: Path | None, compare: Path | None, routes_out: Path | None,

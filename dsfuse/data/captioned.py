@@ -8,14 +8,17 @@ model's captions and images there show whether it composes attributes it never s
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dsfuse.choices import CaptionOrder
 from dsfuse.data.images import find_images
 from dsfuse.errors import UsageError
 from dsfuse.io import atomic_path, write_text
@@ -23,10 +26,18 @@ from dsfuse.io import atomic_path, write_text
 CAPTIONS_FILE = "captions.jsonl"
 
 SHAPES = ("circle", "square", "triangle", "diamond")
-COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40)}
+COLOURS = {"red": (230, 40, 40), "orange": (245, 140, 20), "yellow": (240, 225, 40), "green": (40, 200, 60),
+           "cyan": (40, 210, 220), "blue": (50, 90, 240), "purple": (150, 60, 230), "white": (235, 235, 235)}
 SIZES = {"small": 0.17, "large": 0.3}  # radius as a share of the image side
 POSITIONS = {"top left": (0.3, 0.3), "top right": (0.7, 0.3), "bottom left": (0.3, 0.7), "bottom right": (0.7, 0.7)}
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": tuple(POSITIONS)}
+
+
+# A caption names the shape first by default: a decoder that names the colour first predicts the shape
+# after it, and for a held-out pair its language prior (this colour never came with this shape) wins over
+# the image (bench/unified.py --captions measures both).
+CAPTIONS: dict[CaptionOrder, str] = {"shape-first": "a {shape}, {size} and {colour}, at the {position}",
+                                     "colour-first": "a {size} {colour} {shape} at the {position}"}
 
 
 @dataclass(frozen=True)
@@ -36,19 +47,19 @@ class Scene:
     size: str
     position: str
 
-    @property
-    def caption(self) -> str:
-        return f"a {self.size} {self.colour} {self.shape} at the {self.position}"
+    def caption(self, order: CaptionOrder = "shape-first") -> str:
+        return CAPTIONS[order].format(**dataclasses.asdict(self))
 
 
 def held_out(shape: str, colour: str) -> bool:
-    """The (shape, colour) pairs never shown in training: one colour per shape, each colour once."""
+    """The (shape, colour) pairs never shown in training: each colour with one shape, so that every shape
+    is seen in most colours but not all."""
     return (SHAPES.index(shape) + list(COLOURS).index(colour)) % len(SHAPES) == 0
 
 
 def parse_caption(text: str) -> dict[str, str | None]:
     """The attributes a caption names (None where it names none, or several)."""
-    words = " ".join(text.lower().split())
+    words = " ".join(re.findall(r"[a-z]+", text.lower()))
     found = {}
     for name, options in ATTRIBUTES.items():
         hits = [o for o in options if f" {o} " in f" {words} "]
@@ -77,7 +88,8 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(image)
 
 
-def write_captioned_set(out: Path, n_train: int, n_heldout: int, size: int, seed: int) -> dict[str, int]:
+def write_captioned_set(out: Path, n_train: int, n_heldout: int, size: int, seed: int,
+                        order: CaptionOrder = "shape-first") -> dict[str, int]:
     """OUT/train/NNNNN.png + .txt (every attribute combination but the held-out pairs) and OUT/heldout/
     (only those pairs) with a captions.jsonl; `out` must be a claimed, empty folder."""
     rng = np.random.default_rng(seed)
@@ -89,15 +101,15 @@ def write_captioned_set(out: Path, n_train: int, n_heldout: int, size: int, seed
         folder.mkdir()
         records = []
         rounds = -(-count // len(scenes))  # every combination once per round, in a shuffled order
-        order = np.concatenate([rng.permutation(len(scenes)) for _ in range(rounds)] or [[]]).astype(int)[:count]
-        for i, pick in enumerate(order):
+        picks = np.concatenate([rng.permutation(len(scenes)) for _ in range(rounds)] or [[]]).astype(int)[:count]
+        for i, pick in enumerate(picks):
             scene = scenes[pick]
             name = f"{i:05d}.png"
             with atomic_path(folder / name) as tmp:
                 Image.fromarray(render(scene, size, rng)).save(tmp, format="PNG")
             if split == "train":
-                write_text(folder / f"{i:05d}.txt", scene.caption + "\n")
-            records.append({"image": name, "caption": scene.caption})
+                write_text(folder / f"{i:05d}.txt", scene.caption(order) + "\n")
+            records.append({"image": name, "caption": scene.caption(order)})
         if split == "heldout":
             write_text(folder / CAPTIONS_FILE, "".join(json.dumps(r) + "\n" for r in records))
     return {split: count for split, (_, count) in splits.items()}

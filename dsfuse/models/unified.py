@@ -5,6 +5,11 @@ The vocabulary: text tokens [0, text_vocab), image codes [text_vocab, text_vocab
 tokenizer's codebook), then the specials <image>, </image>, end of text and padding. A sequence reads
 `caption <image> codes </image>` (text to image) or `<image> codes </image> caption <eot>` (image to text).
 
+Image codes know their place and their look: each adds learned embeddings of its row and column in the
+image grid, and (with `code_dim`) a projection of the tokenizer's own code vector, which also scores
+the image codes at the output. Codes that look alike then start alike, so what the model learns about one
+carries over to the codes of colour and shape pairs it never saw together.
+
 `fusion="parallel"` is the seed's parallel cross-attention: each layer runs text and image tokens through
 their own causal self-attention, then lets each stream attend to the other (causally, in sequence order)
 and mixes the two by learned per-stream gates, before the shared MoE feed-forward.
@@ -12,6 +17,7 @@ and mixes the two by learned per-stream gates, before the shared MoE feed-forwar
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,12 +47,15 @@ class UnifiedConfig:
     expert_hidden: int = 64
     fusion: choices.UnifiedFusion = "early"
     attention: choices.AttentionVariant = "mla"
+    code_dim: int = 0  # > 0: image codes are also embedded and predicted through the tokenizer's code vectors
 
     def __post_init__(self) -> None:
         choices.check(self.fusion, choices.UnifiedFusion, "fusion")
         choices.check(self.attention, choices.AttentionVariant, "attention")
         if min(self.text_vocab, self.image_vocab, self.image_tokens, self.max_text, self.n_layers) < 1:
             raise ValueError("vocabularies, image_tokens, max_text and n_layers must be positive")
+        if self.grid ** 2 != self.image_tokens:
+            raise ValueError(f"image_tokens must be a square grid, got {self.image_tokens}")
 
     @property
     def image_start(self) -> int:
@@ -67,6 +76,11 @@ class UnifiedConfig:
     @property
     def vocab(self) -> int:
         return self.image_start + len(SPECIALS)
+
+    @property
+    def grid(self) -> int:
+        """The side of the image's code grid."""
+        return math.isqrt(self.image_tokens)
 
     @property
     def context(self) -> int:
@@ -159,8 +173,17 @@ class EarlyFusionBlock(TransformerBlock):
         return super().forward(x, mask=mask, causal=True, cache=caches[0] if caches else None)
 
 
+@dataclass
+class UnifiedCache:
+    """Decoding state: each block's key/value caches, and how many image codes each row has read."""
+
+    layers: list[list[KVCache]]
+    codes_read: torch.Tensor | None = None  # [B]
+
+
 class UnifiedModel(nn.Module):
-    """ids [B, T] (+ padding mask) -> next-token logits [B, T, vocab]; see the module docstring."""
+    """ids [B, T] (+ padding mask) -> next-token logits [B, T, vocab]; see the module docstring. A sequence
+    holds one image, so a code's grid place is the count of codes before it."""
 
     Config = UnifiedConfig
 
@@ -168,19 +191,47 @@ class UnifiedModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab, config.dim)
+        self.image_row = nn.Embedding(config.grid, config.dim)
+        self.image_column = nn.Embedding(config.grid, config.dim)
+        if config.code_dim:
+            self.register_buffer("code_vectors", torch.zeros(config.image_vocab, config.code_dim))
+            self.code_in = nn.Linear(config.code_dim, config.dim)
+            self.code_out = nn.Linear(config.code_dim, config.dim)
         block = ParallelBlock if config.fusion == "parallel" else EarlyFusionBlock
         self.blocks = nn.ModuleList(block(config, depth) for depth in range(1, config.n_layers + 1))
         self.norm = nn.RMSNorm(config.dim)
         self.head = nn.Linear(config.dim, config.vocab, bias=False)
 
-    def new_cache(self) -> list[list[KVCache]]:
+    def new_cache(self) -> UnifiedCache:
         per_block = 4 if self.config.fusion == "parallel" else 1
-        return [[KVCache() for _ in range(per_block)] for _ in self.blocks]
+        return UnifiedCache([[KVCache() for _ in range(per_block)] for _ in self.blocks])
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: list[list[KVCache]] | None = None) -> torch.Tensor:
-        x = self.embed(ids)
-        image = self.config.is_image(ids)
+                cache: UnifiedCache | None = None) -> torch.Tensor:
+        cfg = self.config
+        image = cfg.is_image(ids)
+        x = self.embed(ids) + self.grid_embedding(image, cache)
+        if cfg.code_dim:
+            codes = (ids - cfg.text_vocab).clamp(0, cfg.image_vocab - 1)
+            x = x + self.code_in(self.code_vectors[codes]) * image[..., None]
         for i, block in enumerate(self.blocks):
-            x = block(x, image, mask, cache[i] if cache is not None else None)
-        return self.head(self.norm(x))
+            x = block(x, image, mask, cache.layers[i] if cache is not None else None)
+        h = self.norm(x)
+        logits = self.head(h)
+        if cfg.code_dim:
+            image_logits = h @ self.code_out(self.code_vectors).T
+            logits = torch.cat([logits[..., :cfg.text_vocab], logits[..., cfg.text_vocab:cfg.image_start] + image_logits,
+                                logits[..., cfg.image_start:]], -1)
+        return logits
+
+    def grid_embedding(self, image: torch.Tensor, cache: UnifiedCache | None) -> torch.Tensor:
+        """[B, T, D]: each image code's row and column embeddings (zero for other tokens), counting the
+        codes the cache has already read."""
+        read = image.long().cumsum(1)
+        if cache is not None:
+            if cache.codes_read is not None:
+                read = read + cache.codes_read[:, None]
+            cache.codes_read = read[:, -1]
+        index = (read - 1).clamp(0, self.config.image_tokens - 1)
+        grid = self.config.grid
+        return (self.image_row(index // grid) + self.image_column(index % grid)) * image[..., None]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +35,7 @@ from dsfuse.diffusion.pipeline import TOKENIZER_FILE
 from dsfuse.engine import TrainConfig, TrainResult, fit, unwrap
 from dsfuse.errors import InputError, UsageError
 from dsfuse.io import atomic_path, claim_output_folder, write_text
-from dsfuse.models.unified import UnifiedConfig, UnifiedModel
-from dsfuse.nn.attention import KVCache
+from dsfuse.models.unified import UnifiedCache, UnifiedConfig, UnifiedModel
 from dsfuse.nn.moe import moe_aux_loss, moe_layers
 from dsfuse.report import console, warn
 from dsfuse.tasks.diffusion import sample_output
@@ -46,6 +46,7 @@ TEXT_TOKENIZER_FILE = "text_tokenizer.json"
 PROBE_FILE = "probe.safetensors"
 IGNORE = -100
 PREVIEW = 8  # images drawn and captions written at each evaluation
+PLAUSIBLE = 0.1  # guidance picks among tokens at least this likely, relative to the conditional favourite
 
 
 @dataclass(kw_only=True)
@@ -87,7 +88,8 @@ class UnifiedOptions(runs.TrainOptions):
                              image_tokens=tokenizer.config.grid ** 2, max_text=self.max_text, dim=self.dim,
                              n_layers=self.layers, n_heads=self.heads, experts=self.experts, top_k=self.top_k,
                              shared=self.shared, expert_hidden=self.expert_hidden, fusion=self.fusion,
-                             attention=self.attention)
+                             attention=self.attention,
+                             code_dim=tokenizer.config.latent_channels)
 
 
 # --------------------------------------------------------------------------- the loaded model
@@ -218,7 +220,17 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return probs / probs.sum(-1, keepdim=True)
 
 
-def _step(model: UnifiedModel, ids: torch.Tensor, mask: torch.Tensor, cache: list[list[KVCache]]) -> torch.Tensor:
+def guide(logits: torch.Tensor, guidance: float, plausible: float = PLAUSIBLE) -> torch.Tensor:
+    """Classifier-free guidance over logits [2B, V] (the conditional rows, then the unconditional ones):
+    log-probabilities u + g (c - u), kept to the tokens the conditional model itself finds plausible (at
+    least `plausible` times its likeliest token's probability), so that guidance never picks a token
+    both models find unlikely."""
+    cond, uncond = logits.float().log_softmax(-1).chunk(2)
+    guided = uncond + guidance * (cond - uncond)
+    return guided.masked_fill(cond < cond.amax(-1, keepdim=True) + math.log(plausible), float("-inf"))
+
+
+def _step(model: UnifiedModel, ids: torch.Tensor, mask: torch.Tensor, cache: UnifiedCache) -> torch.Tensor:
     """Feed new ids [B, t] through the cache; the logits of the last position [B, V]."""
     return model(ids, mask, cache)[:, -1]
 
@@ -237,8 +249,7 @@ def draw_codes(run: UnifiedRun, prompts: list[list[int]], *, guidance: float, te
     for _ in range(cfg.image_tokens):
         image_logits = logits[:, cfg.text_vocab:cfg.image_start]
         if guided:
-            cond, uncond = image_logits.chunk(2)
-            image_logits = uncond + guidance * (cond - uncond)
+            image_logits = guide(image_logits, guidance)
         probs = filter_logits(image_logits, temperature, top_k, top_p)
         code = (probs.argmax(-1, keepdim=True) if temperature <= 0
                 else torch.multinomial(probs.cpu(), 1, generator=generator).to(device))
@@ -344,6 +355,9 @@ def train(options: UnifiedOptions, out: Path, *, resume: bool = False, force: bo
         write_probe(cfg, codes, texts, run_dir / PROBE_FILE)
     seed_everything(options.seed)
     model = build_model(meta) if meta is not None else UnifiedModel(cfg)
+    if meta is None and cfg.code_dim:
+        with torch.no_grad():
+            model.code_vectors.copy_(vq.quantizer.decode_indices(torch.arange(cfg.image_vocab, device=torch_device)))
     if not quiet:
         params = sum(p.numel() for p in model.parameters()) / 1e6
         console.print(f"train-unified: {len(paths)} captioned images, {cfg.image_tokens} codes each, vocabulary "
@@ -494,10 +508,11 @@ def modality_load(model: UnifiedModel, checkpoint: str | Path) -> list[dict[str,
     return layers
 
 
-def make_shapes(out: Path, *, n_train: int, n_heldout: int, size: int, seed: int, force: bool) -> dict[str, Any]:
+def make_shapes(out: Path, *, n_train: int, n_heldout: int, size: int, seed: int,
+                order: choices.CaptionOrder = "shape-first", force: bool) -> dict[str, Any]:
     """Write the generated captioned set (see data/captioned.py) into OUT/train and OUT/heldout."""
     if n_train < 1 or n_heldout < 0 or size < 16:
         raise UsageError("need --train >= 1, --heldout >= 0 and --size >= 16", "--train/--heldout/--size")
     claim_output_folder(out, force)
-    counts = write_captioned_set(out, n_train, n_heldout, size, seed)
-    return {"out": str(out), **counts, "size": size}
+    counts = write_captioned_set(out, n_train, n_heldout, size, seed, order)
+    return {"out": str(out), **counts, "size": size, "captions": order}
