@@ -219,9 +219,7 @@ class UnifiedModel(nn.Module):
         h = self.norm(x)
         logits = self.head(h)
         if cfg.code_dim:
-            image_logits = h @ self.code_out(self.code_vectors).T
-            logits = torch.cat([logits[..., :cfg.text_vocab], logits[..., cfg.text_vocab:cfg.image_start] + image_logits,
-                                logits[..., cfg.image_start:]], -1)
+            logits[..., cfg.text_vocab:cfg.image_start] += h @ self.code_out(self.code_vectors).T
         return logits
 
     def grid_embedding(self, image: torch.Tensor, cache: UnifiedCache | None) -> torch.Tensor:
