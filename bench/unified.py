@@ -1,9 +1,11 @@
 """Benchmark: the unified-token model on the generated captioned shapes, everything trained in this run.
 
-- caption accuracy per attribute on held-out (shape, colour) pairs, never seen together in training;
+- caption accuracy per attribute on held-out (shape, colour) pairs, never seen together in training,
+  plain greedy and guided against the image-less caption model (`caption --guidance`);
 - text-to-image faithfulness: images drawn for the held-out captions, judged by a small attribute
   classifier trained here on real images (its own accuracy on held-out real images is reported); the
-  reference is the same measure on captions of seen pairs;
+  reference is the same measure on captions of seen pairs. One draw (sampled or greedy), and the best of
+  several draws by the model's own caption likelihood (`sample --candidates`): the judge never chooses;
 - `--fusion parallel` against early fusion at the same parameter count (early fusion's experts are
   widened to match) and the same steps;
 - expert load by modality (how far text and image tokens' expert distributions are apart);
@@ -51,8 +53,10 @@ from dsfuse.nn.transformer import TransformerBlock
 from dsfuse.tasks import tokenizer as vq_task
 from dsfuse.tasks import unified
 
-console = Console()
+console = Console(width=160)  # wide enough for the tables in a log file
 SIZE = 32  # pixels: an 8x8 grid of codes at the tokenizer's downsampling by 4
+CAPTION_GUIDANCE = 2.0  # `caption --guidance`: against the image-less caption model
+CANDIDATES = 16  # `sample --candidates`: draws per image, the one the model captions likeliest kept
 
 
 def scaled(n: int, scale: float, least: int = 1) -> int:
@@ -132,11 +136,11 @@ def matched_expert_hidden(options: unified.UnifiedOptions, text_vocab: int, vq: 
     return min(range(options.expert_hidden, 8 * options.expert_hidden + 1), key=lambda h: abs(count(h) - target))
 
 
-def caption_accuracy(run: unified.UnifiedRun, paths: list[Path], captions: list[str]
+def caption_accuracy(run: unified.UnifiedRun, paths: list[Path], captions: list[str], guidance: float = 1.0
                      ) -> tuple[dict[str, float], list[str]]:
     """The share of images whose greedy caption names each attribute right, and the captions."""
     images = torch.stack([load_image(p, run.vq.config.image_size) for p in paths])
-    said = unified.greedy_captions(run, run.image_codes(images))
+    said = unified.greedy_captions(run, run.image_codes(images), guidance)
     truth, guessed = [parse_caption(c) for c in captions], [parse_caption(s) for s in said]
     return {name: sum(g[name] == t[name] for g, t in zip(guessed, truth)) / len(truth) for name in ATTRIBUTES}, said
 
@@ -146,28 +150,32 @@ def evaluate_run(run_dir: Path, heldout: Path, seen: Path, judge: AttributeJudge
     data, seen_data = read_captioned(heldout), read_captioned(seen)
     count = len(data.images)
     caption_acc, said = caption_accuracy(run, data.images, data.captions)
+    guided_acc, guided_said = caption_accuracy(run, data.images, data.captions, CAPTION_GUIDANCE)
     seen_acc, _ = caption_accuracy(run, seen_data.images[:count], seen_data.captions[:count])  # training images
-    seen_captions = seen_data.captions
+    seen_guided, _ = caption_accuracy(run, seen_data.images[:count], seen_data.captions[:count], CAPTION_GUIDANCE)
     generator = torch.Generator().manual_seed(0)
 
-    def faithfulness(captions: list[str], temperature: float) -> dict[str, float]:
+    def faithfulness(captions: list[str], temperature: float, candidates: int = 1) -> dict[str, float]:
         prompts = [run.encode_text(c) for c in captions]
         drawn = []
-        for start in range(0, len(prompts), 64):  # `sample --prompt`'s defaults, sampled or greedy
-            codes = unified.draw_codes(run, prompts[start:start + 64], guidance=3.0, temperature=temperature,
-                                       top_k=0, top_p=1.0, generator=generator)
+        for start in range(0, len(prompts), 32):  # `sample --prompt`'s defaults, sampled or greedy
+            codes = unified.draw_best(run, prompts[start:start + 32], candidates=candidates, guidance=3.0,
+                                      temperature=temperature, top_k=0, top_p=1.0, generator=generator)
             drawn.append(unified.decode_images(run, codes).cpu())
         parsed = [parse_caption(c) for c in captions]
         return judged(judge, torch.cat(drawn), torch.tensor([ATTRIBUTES["shape"].index(p["shape"]) for p in parsed]),
                       torch.tensor([ATTRIBUTES["colour"].index(p["colour"]) for p in parsed]))
 
+    faithful = {}
+    for name, captions in (("heldout", data.captions), ("seen", seen_data.captions[:count])):
+        faithful[name] = {"sampled": faithfulness(captions, 1.0), "greedy": faithfulness(captions, 0.0),
+                          "reranked": faithfulness(captions, 1.0, CANDIDATES)}
     load = unified.modality_load(run.model, run_dir)
-    return {"caption": caption_acc, "caption_seen": seen_acc, "faithful_heldout": faithfulness(data.captions, 1.0),
-            "faithful_seen": faithfulness(seen_captions[:count], 1.0),
-            "faithful_heldout_greedy": faithfulness(data.captions, 0.0),
-            "faithful_seen_greedy": faithfulness(seen_captions[:count], 0.0),
+    return {"caption": caption_acc, "caption_guided": guided_acc, "caption_seen": seen_acc,
+            "caption_seen_guided": seen_guided, "faithful": faithful,
             "specialisation": [layer["specialisation"] for layer in load],
-            "params": sum(p.numel() for p in run.model.parameters()), "examples": list(zip(data.captions, said))[:4]}
+            "params": sum(p.numel() for p in run.model.parameters()),
+            "examples": list(zip(data.captions, said, guided_said))[:4]}
 
 
 # --------------------------------------------------------------------------- retrieval toy
@@ -295,11 +303,13 @@ def show(r: dict) -> None:
     table.add_row("training seconds (same steps)", f"{e['train_seconds']:.0f}", f"{p['train_seconds']:.0f}")
     table.add_row("final token loss", f"{e['token_loss']:.3f}", f"{p['token_loss']:.3f}")
     for name in ATTRIBUTES:
-        table.add_row(f"caption accuracy, {name}: held-out pairs (training images)",
-                      *(f"{m['caption'][name]:.1%} ({m['caption_seen'][name]:.1%})" for m in (e, p)))
-    for key, label in (("faithful_heldout", "held-out pairs"), ("faithful_seen", "seen pairs (reference)")):
-        table.add_row(f"drawn images with the asked shape and colour, {label}: sampled (greedy)",
-                      *(f"{m[key]['both']:.1%} ({m[key + '_greedy']['both']:.1%})" for m in (e, p)))
+        table.add_row(f"caption {name}, held-out pairs: guided {CAPTION_GUIDANCE:g} / plain (training images)",
+                      *(f"{m['caption_guided'][name]:.1%} / {m['caption'][name]:.1%} "
+                        f"({m['caption_seen_guided'][name]:.1%} / {m['caption_seen'][name]:.1%})" for m in (e, p)))
+    for key, label in (("heldout", "held-out pairs"), ("seen", "seen pairs (reference)")):
+        table.add_row(f"drawn images with the asked shape and colour, {label}: best of {CANDIDATES} / one sampled "
+                      f"/ greedy", *(" / ".join(f"{m['faithful'][key][way]['both']:.1%}"
+                                                for way in ("reranked", "sampled", "greedy")) for m in (e, p)))
     table.add_row("expert specialisation by modality per layer (0..1)",
                   " ".join(f"{v:.2f}" for v in e["specialisation"]), " ".join(f"{v:.2f}" for v in p["specialisation"]))
     console.print(table)

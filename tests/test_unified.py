@@ -16,7 +16,9 @@ from dsfuse.data.captioned import (COLOURS, SHAPES, held_out, parse_caption, rea
                                    write_captioned_set)
 from dsfuse.errors import UsageError
 from dsfuse.models.unified import UnifiedConfig, UnifiedModel
-from dsfuse.tasks.unified import IGNORE, filter_logits, guide, load_unified, training_batch
+from dsfuse.data.bpe import train_bpe
+from dsfuse.tasks.unified import (IGNORE, UnifiedRun, caption_scores, draw_best, draw_codes, filter_logits,
+                                  greedy_captions, guide, image_prefix, image_to_text, load_unified, training_batch)
 
 TINY = ["--dim", "32", "--heads", "2", "--experts", "4", "--expert-hidden", "32", "--batch-size", "8",
         "--text-vocab", "300", "--device", "cpu"]
@@ -162,6 +164,9 @@ def test_training_sequences_put_the_answer_after_its_prompt():
     assert not mask[0, 8:].any() and ids[0, 8:].eq(cfg.pad).all(), "padding after the shorter sequence"
     dropped, _, _ = training_batch(cfg, codes[:1], texts[:1], torch.tensor([True]), torch.tensor([True]))
     assert dropped[0, 0] == cfg.image_start, "a dropped caption leaves the image alone: the unconditional prompt"
+    dropped, _, targets = training_batch(cfg, codes[1:], texts[1:], torch.tensor([False]), torch.tensor([True]))
+    assert dropped[0].tolist() == [cfg.image_start, cfg.image_end, 12, cfg.eot], "a dropped image: the caption alone"
+    assert targets[0].tolist() == [IGNORE, IGNORE, 12, cfg.eot]
 
 
 def test_top_k_and_top_p_keep_only_the_likeliest_tokens():
@@ -182,6 +187,59 @@ def test_guidance_favours_what_the_prompt_adds_among_tokens_the_prompted_model_f
     torch.testing.assert_close(guided[0, 1], uncond[0, 1] + 3.0 * (cond[0, 1] - uncond[0, 1]))
     assert guide(torch.cat([cond, uncond]), guidance=3.0, plausible=1e-6)[0].argmax().item() == 2, \
         "without the plausibility floor, guidance alone picks the unlikely token"
+
+
+def random_run(max_text: int = 6) -> UnifiedRun:
+    """A randomly initialised unified model with a real BPE text tokenizer and VQ tokenizer."""
+    from dsfuse.models.vqvae import VQVAE, VQVAEConfig
+
+    torch.manual_seed(0)
+    text = train_bpe([Scene("circle", "red", "large", "top left").caption(), "a square, small and blue"], 300)
+    vq = VQVAE(VQVAEConfig(image_size=16, downsample=4, codebook_size=16, latent_channels=4, base_channels=16,
+                           channel_mult=(1, 2), attention=False))
+    cfg = UnifiedConfig(text_vocab=text.get_vocab_size(), image_vocab=16, image_tokens=16, max_text=max_text,
+                        dim=32, n_heads=2, experts=4, expert_hidden=32)
+    return UnifiedRun(UnifiedModel(cfg).eval(), text, vq)
+
+
+@torch.no_grad()
+def test_guided_captions_match_guidance_over_full_forwards_of_each_prefix():
+    run = random_run()
+    cfg, codes = run.config, torch.randint(0, 16, (3, 16))
+    allowed = torch.tensor([*range(cfg.text_vocab), cfg.eot])
+    for guidance in (1.0, 2.5):
+        expected = []
+        for row in codes.tolist():
+            said: list[int] = []
+            while len(said) <= cfg.max_text:
+                rows = [[*image_prefix(cfg, row), *said], [*image_prefix(cfg, []), *said]]
+                last = torch.stack([run.model(torch.tensor([r]))[0, -1, allowed] for r in rows])
+                token = int(allowed[(guide(last, guidance) if guidance != 1 else last[:1]).argmax()])
+                if token == cfg.eot:
+                    break
+                said.append(token)
+            expected.append(run.decode_text(said))
+        assert greedy_captions(run, codes, guidance) == expected, "cached, left-padded batch == one at a time"
+
+
+@torch.no_grad()
+def test_reranking_keeps_the_draw_whose_caption_the_model_finds_likeliest():
+    run = random_run()
+    cfg = run.config
+    prompts = [run.encode_text("a circle, large and red"), run.encode_text("a square")]
+    codes = torch.randint(0, 16, (2, 16))
+    scores = caption_scores(run, codes, prompts)
+    for i, (row, text) in enumerate(zip(codes.tolist(), prompts)):
+        seq, target = image_to_text(cfg, row, text)
+        logp = run.model(torch.tensor([seq]))[0, :-1].log_softmax(-1)
+        wanted = [(pos, t) for pos, t in enumerate(target[1:]) if t != IGNORE]
+        torch.testing.assert_close(scores[i], sum(logp[pos, t] for pos, t in wanted))
+    sampling = {"guidance": 2.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    best = draw_best(run, prompts, candidates=3, generator=torch.Generator().manual_seed(1), **sampling)
+    each = [p for p in prompts for _ in range(3)]
+    drawn = draw_codes(run, each, generator=torch.Generator().manual_seed(1), **sampling)
+    pick = caption_scores(run, drawn, each).view(2, 3).argmax(1)
+    assert torch.equal(best, drawn.view(2, 3, -1)[torch.arange(2), pick])
 
 
 # --------------------------------------------------------------------------- the commands
@@ -218,16 +276,19 @@ def test_train_unified_writes_a_run_with_both_tokenizers_and_previews(trained):
 def test_sample_prompt_and_caption_use_the_run(trained, tmp_path):
     root, _, run, _ = trained
     out = tmp_path / "drawn"
-    proc = run_cli("sample", "-c", run, "--prompt", "a large red square at the top left", "--out", out, "--n", "3",
-                   "--top-k", "4", "--top-p", "0.9", "--guidance", "2", "--json", "--device", "cpu")
+    proc = run_cli("sample", "-c", run, "--prompt", "a square, large and red, at the top left", "--out", out, "--n",
+                   "3", "--top-k", "4", "--top-p", "0.9", "--guidance", "2", "--candidates", "2", "--json",
+                   "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
-    assert len(json_lines(proc.stdout)[0]["files"]) == 3 and Image.open(out / "000.png").size == (16, 16)
+    drawn = json_lines(proc.stdout)[0]
+    assert len(drawn["files"]) == 3 and drawn["candidates"] == 2 and Image.open(out / "000.png").size == (16, 16)
     again = run_cli("sample", "-c", run, "--prompt", "a large red square at the top left", "--out", out, "--n", "3",
                     "--top-k", "4", "--top-p", "0.9", "--guidance", "2", "--device", "cpu")
     assert_one_line_error(again, 2, "--force")
 
     images = root / "shapes" / "heldout"
-    proc = run_cli("caption", images / "00000.png", images / "missing.png", "-c", run, "--json", "--device", "cpu")
+    proc = run_cli("caption", images / "00000.png", images / "missing.png", "-c", run, "--guidance", "2", "--json",
+                   "--device", "cpu")
     assert proc.returncode == 1, "a missing image fails alone"
     records = json_lines(proc.stdout)
     assert [Path(r["file"]).name for r in records] == ["00000.png"] and isinstance(records[0]["caption"], str)
@@ -250,6 +311,8 @@ def test_bad_input_is_one_line(trained, tmp_path):
     assert_one_line_error(run_cli("sample", "-c", run, "--prompt", "red " * 40, "--out", tmp_path / "x.png"), 2,
                           "at most 24")
     assert_one_line_error(run_cli("sample", "-c", run, "--out", tmp_path / "x.png"), 2, "--prompt")
+    assert_one_line_error(run_cli("train-unified", data, "--tokenizer", vq, "--out", tmp_path / "r",
+                                  "--image-dropout", "1"), 2, "--image-dropout")
     assert_one_line_error(run_cli("train-unified", data, "--tokenizer", run, "--out", tmp_path / "r", "-q"), 2,
                           "expected vqvae")
     assert not (tmp_path / "r").exists(), "nothing half-made"

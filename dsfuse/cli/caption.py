@@ -17,18 +17,19 @@ from dsfuse.report import print_table
 def caption(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders, globs, or - (paths on stdin).")],
     checkpoint: CheckpointOpt,
+    guidance: Annotated[float, typer.Option("--guidance", min=0.0, help="Weigh each word against the image-less caption model, so the image outweighs the language prior (1: none).")] = 1.0,
     device: DeviceOpt = "auto",
     json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Caption each image (greedy decoding); --json writes one JSON line per image: {"file", "caption"}.
+    """Caption each image (greedy decoding, optionally guided); --json writes one JSON line per image: {"file", "caption"}.
 
     Example: dsfuse caption data/shapes/heldout --checkpoint runs/unified --json > captions.jsonl
     """
     from dsfuse.tasks.unified import Captioner
 
-    captioner = Captioner(checkpoint, device)
+    captioner = Captioner(checkpoint, device, guidance)
     tabulate_each_input(expand_inputs(inputs, IMAGE_SUFFIXES), captioner,
                         lambda path, result: [(path, result["caption"])],
                         lambda rows: print_table("captions", ["file", "caption"], rows),

@@ -28,6 +28,7 @@ def sample(
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="--prompt: token sampling temperature (0: greedy).")] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="--prompt: sample among the k likeliest image tokens (0: all).")] = 0,
     top_p: Annotated[float, typer.Option("--top-p", help="--prompt: nucleus sampling mass (1: all).")] = 1.0,
+    candidates: Annotated[int, typer.Option("--candidates", min=1, help="--prompt: draws per image; the one whose caption the model finds likeliest is kept.")] = 1,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     json: JsonOpt = False,
@@ -39,7 +40,7 @@ def sample(
     the same images on the same device.
 
     Example: dsfuse sample --checkpoint runs/ddpm --out samples/ --n 16 --sampler dpm++ --steps 20 --class 7
-    Example: dsfuse sample --checkpoint runs/unified --prompt "a large red square at the top left" --out red.png
+    Example: dsfuse sample --checkpoint runs/unified --prompt "a square, large and red, at the top left" --out red.png --candidates 4
     """
     from dsfuse.tasks import unified
 
@@ -47,7 +48,7 @@ def sample(
         if prompt is None:
             raise UsageError("a unified model draws images of a caption: give --prompt", "--prompt")
         options = unified.PromptOptions(prompt=prompt, n=n, guidance=guidance, temperature=temperature, top_k=top_k,
-                                        top_p=top_p, batch_size=batch_size, seed=seed)
+                                        top_p=top_p, candidates=candidates, batch_size=batch_size, seed=seed)
         result = unified.sample_prompt(checkpoint, out, options, device=device, force=force)
         if json:
             emit_json(result)

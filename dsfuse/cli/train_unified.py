@@ -31,7 +31,8 @@ def train_unified(
     expert_hidden: Annotated[int, typer.Option("--expert-hidden", min=1, help="Hidden width of each expert.")] = 64,
     fusion: Annotated[UnifiedFusion, typer.Option("--fusion", help="early: one shared stream; parallel: text and image self-attention streams with gated cross-attention both ways.")] = "early",
     attention: Annotated[AttentionVariant, typer.Option("--attention", help="mla (DeepSeek-V2) or differential (two softmax maps, their difference).")] = "mla",
-    caption_dropout: Annotated[float, typer.Option("--caption-dropout", help="Share of caption-to-image samples trained without their caption, for classifier-free guidance.")] = 0.1,
+    caption_dropout: Annotated[float, typer.Option("--caption-dropout", help="Share of caption-to-image samples trained without their caption, for sample's classifier-free guidance.")] = 0.1,
+    image_dropout: Annotated[float, typer.Option("--image-dropout", help="Share of image-to-caption samples trained without their image, for caption --guidance.")] = 0.1,
     sample_every: Annotated[int, typer.Option("--sample-every", min=0, help="Write sample images and captions every N steps (0: only at the end).")] = 500,
     resume: ResumeOpt = False,
     device: DeviceOpt = "auto",
@@ -52,7 +53,7 @@ def train_unified(
         data=data, tokenizer=tokenizer, steps=steps, batch_size=batch_size, lr=lr, text_vocab=text_vocab,
         max_text=max_text, dim=dim, layers=layers, heads=heads, experts=experts, top_k=top_k, shared=shared,
         expert_hidden=expert_hidden, fusion=fusion, attention=attention, caption_dropout=caption_dropout,
-        sample_every=sample_every, seed=seed, **engine)
+        image_dropout=image_dropout, sample_every=sample_every, seed=seed, **engine)
     result, summary = unified.train(options, runs.run_dir_for(out, unified.TASK, resume), resume=resume, force=force,
                                     explicit=given_options(), device=device, quiet=quiet)
     report_training(result, summary, json)

@@ -70,13 +70,15 @@ class UnifiedOptions(runs.TrainOptions):
     fusion: choices.UnifiedFusion = "early"
     attention: choices.AttentionVariant = "mla"
     caption_dropout: float = 0.1
+    image_dropout: float = 0.1
     sample_every: int = 500
 
     CHANGEABLE = runs.TrainOptions.CHANGEABLE | {"sample_every"}
 
     def check(self) -> None:
-        if not 0 <= self.caption_dropout < 1:
-            raise UsageError(f"must be in [0, 1), got {self.caption_dropout}", "--caption-dropout")
+        for name in ("caption_dropout", "image_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UsageError(f"must be in [0, 1), got {getattr(self, name)}", "--" + name.replace("_", "-"))
         if self.text_vocab < 257:
             raise UsageError(f"the byte-level text tokenizer needs at least 257 tokens, got {self.text_vocab}",
                              "--text-vocab")
@@ -153,9 +155,14 @@ def text_to_image(cfg: UnifiedConfig, text: list[int], codes: list[int]) -> tupl
     return prefix + image, [IGNORE] * len(prefix) + image
 
 
+def image_prefix(cfg: UnifiedConfig, codes: list[int]) -> list[int]:
+    """`<image> codes </image>`: what a caption follows (no codes: the image-less caption model's prefix)."""
+    return [cfg.image_start, *(cfg.text_vocab + c for c in codes), cfg.image_end]
+
+
 def image_to_text(cfg: UnifiedConfig, codes: list[int], text: list[int]) -> tuple[list[int], list[int]]:
     """`<image> codes </image> caption <eot>` and its targets (the caption and <eot>)."""
-    prefix = [cfg.image_start, *(cfg.text_vocab + c for c in codes), cfg.image_end]
+    prefix = image_prefix(cfg, codes)
     caption = [*text, cfg.eot]
     return prefix + caption, [IGNORE] * len(prefix) + caption
 
@@ -171,13 +178,14 @@ def pad_sequences(cfg: UnifiedConfig, seqs: list[list[int]], left: bool = False)
 def training_batch(cfg: UnifiedConfig, codes: torch.Tensor, texts: torch.Tensor, directions: torch.Tensor,
                    dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ids, mask and next-token targets [B, T] for a batch: each sample in its direction (1: text to
-    image), with its caption dropped (the unconditional prompt guidance needs) where `dropped`."""
+    image), with its condition dropped where `dropped`: the caption of a text-to-image sample, the image of
+    an image-to-text one (the unconditional models that guidance contrasts against, each way)."""
     seqs, targets = [], []
     for code_row, text_row, to_image, drop in zip(codes.tolist(), texts.tolist(), directions.tolist(),
                                                   dropped.tolist()):
         text = [t for t in text_row if t >= 0]
         seq, target = (text_to_image(cfg, [] if drop else text, code_row) if to_image
-                       else image_to_text(cfg, code_row, text))
+                       else image_to_text(cfg, [] if drop else code_row, text))
         seqs.append(seq)
         targets.append(target)
     ids, mask = pad_sequences(cfg, seqs)
@@ -187,14 +195,15 @@ def training_batch(cfg: UnifiedConfig, codes: torch.Tensor, texts: torch.Tensor,
     return ids, mask, target_ids
 
 
-def next_token_loss(caption_dropout: float):
-    """The loss of a batch (codes, caption ids): each sample in a random direction, next-token cross-entropy
-    on its answer (the image or the caption) plus the MoE auxiliary losses."""
+def next_token_loss(caption_dropout: float, image_dropout: float):
+    """The loss of a batch (codes, caption ids): each sample in a random direction, its condition dropped at
+    that direction's rate, next-token cross-entropy on its answer (the image or the caption) plus the MoE
+    auxiliary losses."""
     def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
         codes, texts = batch
         cfg = unwrap(model).config
         directions = torch.rand(len(codes)) < 0.5
-        dropped = torch.rand(len(codes)) < caption_dropout
+        dropped = torch.rand(len(codes)) < torch.where(directions, caption_dropout, image_dropout)
         ids, mask, targets = (t.to(codes.device) for t in training_batch(cfg, codes.cpu(), texts.cpu(), directions,
                                                                           dropped))
         logits = model(ids, mask)
@@ -260,27 +269,55 @@ def draw_codes(run: UnifiedRun, prompts: list[list[int]], *, guidance: float, te
 
 
 @torch.no_grad()
-def greedy_captions(run: UnifiedRun, codes: torch.Tensor) -> list[str]:
-    """The most likely caption of each image's codes [B, h*w] (text tokens only, up to <eot>)."""
+def greedy_captions(run: UnifiedRun, codes: torch.Tensor, guidance: float = 1.0) -> list[str]:
+    """The most likely caption of each image's codes [B, h*w] (text tokens only, up to <eot>). With
+    guidance, each word is `guide`d against the image-less caption model, so that the image outweighs the
+    language prior: a colour never seen with a shape in training is still named when the image shows it."""
     cfg, model, device = run.config, run.model, run.device
-    ids = torch.cat([torch.full((len(codes), 1), cfg.image_start), codes.cpu() + cfg.text_vocab,
-                     torch.full((len(codes), 1), cfg.image_end)], 1).to(device)
+    guided = guidance != 1.0
+    seqs = [image_prefix(cfg, row) for row in codes.tolist()] + ([image_prefix(cfg, [])] * len(codes) if guided
+                                                                  else [])
+    ids, mask = (t.to(device) for t in pad_sequences(cfg, seqs, left=True))
     cache = model.new_cache()
-    logits = _step(model, ids, torch.ones_like(ids, dtype=torch.bool), cache)
-    allowed = torch.full((cfg.vocab,), float("-inf"), device=device)
-    allowed[:cfg.text_vocab] = 0.0
-    allowed[cfg.eot] = 0.0
+    logits = _step(model, ids, mask, cache)
+    allowed = torch.tensor([*range(cfg.text_vocab), cfg.eot], device=device)
     out: list[list[int]] = [[] for _ in codes]
     done = torch.zeros(len(codes), dtype=torch.bool, device=device)
     for _ in range(cfg.max_text + 1):
-        token = (logits + allowed).argmax(-1)
+        scores = logits[:, allowed]
+        token = allowed[(guide(scores, guidance) if guided else scores).argmax(-1)]
         done |= token == cfg.eot
         if bool(done.all()):
             break
         for i in (~done).nonzero().flatten().tolist():
             out[i].append(int(token[i]))
-        logits = _step(model, token[:, None], torch.ones_like(token[:, None], dtype=torch.bool), cache)
+        step = (token.repeat(2) if guided else token)[:, None]
+        logits = _step(model, step, torch.ones_like(step, dtype=torch.bool), cache)
     return [run.decode_text(ids) for ids in out]
+
+
+@torch.no_grad()
+def caption_scores(run: UnifiedRun, codes: torch.Tensor, captions: list[list[int]]) -> torch.Tensor:
+    """log p(caption <eot> | image) [B] under the model, for each image's codes [B, h*w] and caption ids."""
+    longest = max(map(len, captions))
+    texts = torch.tensor([c + [-1] * (longest - len(c)) for c in captions], dtype=torch.long)
+    none = torch.zeros(len(captions), dtype=torch.bool)
+    ids, mask, target = (t.to(run.device) for t in training_batch(run.config, codes.cpu(), texts, none, none))
+    logp = run.model(ids, mask)[:, :-1].float().log_softmax(-1)
+    target = target[:, 1:]
+    picked = logp.gather(-1, target.clamp_min(0)[..., None])[..., 0]
+    return (picked * (target != IGNORE)).sum(1)
+
+
+def draw_best(run: UnifiedRun, prompts: list[list[int]], *, candidates: int, **sampling: Any) -> torch.Tensor:
+    """Image codes [B, h*w] for caption ids: of `candidates` draws per caption (`draw_codes`), the one whose
+    caption the model itself finds likeliest given the image (self-reranking, as DALL-E reranks with CLIP)."""
+    if candidates == 1:
+        return draw_codes(run, prompts, **sampling)
+    each = [p for p in prompts for _ in range(candidates)]
+    codes = draw_codes(run, each, **sampling)
+    best = caption_scores(run, codes, each).view(len(prompts), candidates).argmax(1)
+    return codes[best.cpu() + torch.arange(len(prompts)) * candidates]
 
 
 def decode_images(run: UnifiedRun, codes: torch.Tensor) -> torch.Tensor:
@@ -370,7 +407,7 @@ def train(options: UnifiedOptions, out: Path, *, resume: bool = False, force: bo
     if torch_device.type == "cpu":  # matrices this small lose more to thread hand-offs than they gain (train-moe)
         torch.set_num_threads(1)
     try:
-        result = fit(model, TensorDataset(codes, texts), next_token_loss(options.caption_dropout), train_cfg, run_dir,
+        result = fit(model, TensorDataset(codes, texts), next_token_loss(options.caption_dropout, options.image_dropout), train_cfg, run_dir,
                      meta=CheckpointMeta.of(KIND, cfg, options=options.record()), device=torch_device, resume=resume,
                      evaluate=preview_evaluator(unified, codes[:PREVIEW], captions[:PREVIEW], run_dir, options.seed))
     finally:
@@ -422,6 +459,7 @@ class PromptOptions:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    candidates: int = 1  # draws per image, the best kept by the model's own caption likelihood
     batch_size: int = 64
     seed: int = 0
 
@@ -434,6 +472,8 @@ class PromptOptions:
             raise UsageError(f"must be in (0, 1], got {self.top_p}", "--top-p")
         if self.top_k < 0:
             raise UsageError(f"must be 0 (all) or more, got {self.top_k}", "--top-k")
+        if self.candidates < 1:
+            raise UsageError(f"must be 1 or more, got {self.candidates}", "--candidates")
 
 
 def is_unified(checkpoint: str | Path) -> bool:
@@ -450,28 +490,33 @@ def sample_prompt(checkpoint: str | Path, out: Path, options: PromptOptions, *, 
     seed_everything(options.seed)
     generator = torch.Generator().manual_seed(options.seed)
     images = []
-    for start in range(0, options.n, options.batch_size):
-        count = min(options.batch_size, options.n - start)
-        codes = draw_codes(run, [prompt] * count, guidance=options.guidance, temperature=options.temperature,
-                           top_k=options.top_k, top_p=options.top_p, generator=generator)
+    per_batch = max(1, options.batch_size // options.candidates)
+    for start in range(0, options.n, per_batch):
+        count = min(per_batch, options.n - start)
+        codes = draw_best(run, [prompt] * count, candidates=options.candidates, guidance=options.guidance,
+                          temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
+                          generator=generator)
         images.append(decode_images(run, codes))
     images = torch.cat(images)
     files = [] if grid_path == out else [str(save_png(im, out / f"{i:03d}.png")) for i, im in enumerate(images)]
     save_grid(images, grid_path)
     return {"out": str(out), "grid": str(grid_path), "files": files, "n": options.n, "prompt": options.prompt,
             "guidance": options.guidance, "temperature": options.temperature, "top_k": options.top_k,
-            "top_p": options.top_p}
+            "top_p": options.top_p, "candidates": options.candidates}
 
 
 class Captioner:
-    """Captions image files with a unified run."""
+    """Captions image files with a unified run (`greedy_captions`, guided against the image-less model)."""
 
-    def __init__(self, checkpoint: str | Path, device: str = "auto"):
+    def __init__(self, checkpoint: str | Path, device: str = "auto", guidance: float = 1.0):
+        if guidance < 0:
+            raise UsageError(f"must be 0 or more, got {guidance}", "--guidance")
         self.run = load_unified(checkpoint, select_device(device))
+        self.guidance = guidance
 
     def __call__(self, path: Path) -> dict[str, Any]:
         image = load_image(path, self.run.vq.config.image_size)  # InputError: a per-file failure
-        return {"caption": greedy_captions(self.run, self.run.image_codes(image[None]))[0]}
+        return {"caption": greedy_captions(self.run, self.run.image_codes(image[None]), self.guidance)[0]}
 
 
 # --------------------------------------------------------------------------- inspection and the dataset
