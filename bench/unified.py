@@ -6,8 +6,8 @@
   classifier trained here on real images (its own accuracy on held-out real images is reported); the
   reference is the same measure on captions of seen pairs. One draw (sampled or greedy), and the best of
   several draws by the model's own caption likelihood (`sample --candidates`): the judge never chooses;
-- `--fusion parallel` against early fusion at the same parameter count (early fusion's experts are
-  widened to match) and the same steps;
+- `--fusion parallel` against early fusion at the same parameter count (the parallel model's experts are
+  narrowed to pay for its extra attention) and the same steps;
 - expert load by modality (how far text and image tokens' expert distributions are apart);
 - differential against standard (MHA) attention at equal size on a long-context retrieval toy: a key's
   value hidden among distractor pairs.
@@ -130,10 +130,10 @@ def parameters(cfg: unified.UnifiedConfig) -> int:
 
 
 def matched_expert_hidden(options: unified.UnifiedOptions, text_vocab: int, vq: nn.Module, target: int) -> int:
-    """The expert width that gives early fusion the parameter count `target` (of the parallel model)."""
+    """The expert width that gives `options`' model the parameter count `target`."""
     def count(hidden: int) -> int:
-        return parameters(replace(options, expert_hidden=hidden, fusion="early").model_config(text_vocab, vq))
-    return min(range(options.expert_hidden, 8 * options.expert_hidden + 1), key=lambda h: abs(count(h) - target))
+        return parameters(replace(options, expert_hidden=hidden).model_config(text_vocab, vq))
+    return min(range(1, options.expert_hidden + 1), key=lambda h: abs(count(h) - target))
 
 
 def caption_accuracy(run: unified.UnifiedRun, paths: list[Path], captions: list[str], guidance: float = 1.0
@@ -249,7 +249,7 @@ def main() -> None:
         root = Path(tmp)
         t0 = time.perf_counter()
         (root / "shapes").mkdir()
-        write_captioned_set(root / "shapes", scaled(3000, s, 200), scaled(256, s, 64), SIZE, seed=0,
+        write_captioned_set(root / "shapes", scaled(6000, s, 200), scaled(256, s, 64), SIZE, seed=0,
                             order=args.captions)
         train_dir, heldout = root / "shapes" / "train", root / "shapes" / "heldout"
 
@@ -269,11 +269,12 @@ def main() -> None:
         base = unified.UnifiedOptions(data=train_dir, tokenizer=root / "vq", steps=steps, batch_size=32, lr=2e-3,
                                       dim=64, layers=3, heads=4, experts=8, top_k=2, shared=1, expert_hidden=64,
                                       sample_every=0)
-        runs = {"parallel": replace(base, fusion="parallel")}
+        runs = {"early": base}
         vq = load_tokenizer(root / "vq", device)
         text_vocab = train_bpe(seen_captions, base.text_vocab).get_vocab_size()
-        target = parameters(runs["parallel"].model_config(text_vocab, vq))
-        runs["early"] = replace(base, expert_hidden=matched_expert_hidden(base, text_vocab, vq, target))
+        parallel = replace(base, fusion="parallel")  # its three extra attentions per layer paid for by narrower experts
+        target = parameters(base.model_config(text_vocab, vq))
+        runs["parallel"] = replace(parallel, expert_hidden=matched_expert_hidden(parallel, text_vocab, vq, target))
         results["fusion"] = {}
         for name in ("early", "parallel"):
             started = time.perf_counter()
