@@ -23,7 +23,7 @@ def caption(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Caption each image (greedy decoding, optionally guided); --json writes one JSON line per image: {"file", "caption"}.
+    """Caption each image (greedy, optionally guided); --json writes a JSON line per image: {"file", "caption"}.
 
     Example: dsfuse caption data/shapes/heldout --checkpoint runs/unified --json > captions.jsonl
     """

@@ -407,7 +407,8 @@ def train(options: UnifiedOptions, out: Path, *, resume: bool = False, force: bo
     if torch_device.type == "cpu":  # matrices this small lose more to thread hand-offs than they gain (train-moe)
         torch.set_num_threads(1)
     try:
-        result = fit(model, TensorDataset(codes, texts), next_token_loss(options.caption_dropout, options.image_dropout), train_cfg, run_dir,
+        loss_fn = next_token_loss(options.caption_dropout, options.image_dropout)
+        result = fit(model, TensorDataset(codes, texts), loss_fn, train_cfg, run_dir,
                      meta=CheckpointMeta.of(KIND, cfg, options=options.record()), device=torch_device, resume=resume,
                      evaluate=preview_evaluator(unified, codes[:PREVIEW], captions[:PREVIEW], run_dir, options.seed))
     finally:
