@@ -175,6 +175,11 @@ def pad_sequences(cfg: UnifiedConfig, seqs: list[list[int]], left: bool = False)
     return ids, ids != cfg.pad
 
 
+def caption_rows(rows: list[list[int]], length: int) -> torch.Tensor:
+    """Caption ids [N, length], cut to length or padded with -1 (what `training_batch` reads)."""
+    return torch.tensor([r[:length] + [-1] * (length - len(r[:length])) for r in rows], dtype=torch.long)
+
+
 def training_batch(cfg: UnifiedConfig, codes: torch.Tensor, texts: torch.Tensor, directions: torch.Tensor,
                    dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ids, mask and next-token targets [B, T] for a batch: each sample in its direction (1: text to
@@ -239,21 +244,29 @@ def guide(logits: torch.Tensor, guidance: float, plausible: float = PLAUSIBLE) -
     return guided.masked_fill(cond < cond.amax(-1, keepdim=True) + math.log(plausible), float("-inf"))
 
 
-def _step(model: UnifiedModel, ids: torch.Tensor, mask: torch.Tensor, cache: UnifiedCache) -> torch.Tensor:
-    """Feed new ids [B, t] through the cache; the logits of the last position [B, V]."""
-    return model(ids, mask, cache)[:, -1]
+def _prefill(run: UnifiedRun, prompts: list[list[int]], unconditional: list[int], guided: bool
+             ) -> tuple[UnifiedCache, torch.Tensor]:
+    """A new cache holding the prompts (left-padded) and, with guidance, as many unconditional prompts after
+    them; the logits of the last position [B or 2B, V]."""
+    seqs = prompts + ([unconditional] * len(prompts) if guided else [])
+    ids, mask = (t.to(run.device) for t in pad_sequences(run.config, seqs, left=True))
+    cache = run.model.new_cache()
+    return cache, run.model(ids, mask, cache)[:, -1]
+
+
+def _feed(run: UnifiedRun, tokens: torch.Tensor, guided: bool, cache: UnifiedCache) -> torch.Tensor:
+    """Feed each prompt's next token [B, 1] (to its unconditional twin too, with guidance); the next logits."""
+    step = tokens.repeat(2, 1) if guided else tokens
+    return run.model(step, torch.ones_like(step, dtype=torch.bool), cache)[:, -1]
 
 
 @torch.no_grad()
 def draw_codes(run: UnifiedRun, prompts: list[list[int]], *, guidance: float, temperature: float, top_k: int,
                top_p: float, generator: torch.Generator | None) -> torch.Tensor:
     """Image codes [B, h*w] for caption ids, with classifier-free guidance against the empty caption."""
-    cfg, model, device = run.config, run.model, run.device
+    cfg, device = run.config, run.device
     guided = guidance != 1.0
-    seqs = [[*p, cfg.image_start] for p in prompts] + ([[cfg.image_start]] * len(prompts) if guided else [])
-    ids, mask = (t.to(device) for t in pad_sequences(cfg, seqs, left=True))
-    cache = model.new_cache()
-    logits = _step(model, ids, mask, cache)
+    cache, logits = _prefill(run, [[*p, cfg.image_start] for p in prompts], [cfg.image_start], guided)
     codes = []
     for _ in range(cfg.image_tokens):
         image_logits = logits[:, cfg.text_vocab:cfg.image_start]
@@ -263,8 +276,7 @@ def draw_codes(run: UnifiedRun, prompts: list[list[int]], *, guidance: float, te
         code = (probs.argmax(-1, keepdim=True) if temperature <= 0
                 else torch.multinomial(probs.cpu(), 1, generator=generator).to(device))
         codes.append(code)
-        step = (code.repeat(2, 1) if guided else code) + cfg.text_vocab
-        logits = _step(model, step, torch.ones_like(step, dtype=torch.bool), cache)
+        logits = _feed(run, code + cfg.text_vocab, guided, cache)
     return torch.cat(codes, 1)
 
 
@@ -273,13 +285,9 @@ def greedy_captions(run: UnifiedRun, codes: torch.Tensor, guidance: float = 1.0)
     """The most likely caption of each image's codes [B, h*w] (text tokens only, up to <eot>). With
     guidance, each word is `guide`d against the image-less caption model, so that the image outweighs the
     language prior: a colour never seen with a shape in training is still named when the image shows it."""
-    cfg, model, device = run.config, run.model, run.device
+    cfg, device = run.config, run.device
     guided = guidance != 1.0
-    seqs = [image_prefix(cfg, row) for row in codes.tolist()] + ([image_prefix(cfg, [])] * len(codes) if guided
-                                                                  else [])
-    ids, mask = (t.to(device) for t in pad_sequences(cfg, seqs, left=True))
-    cache = model.new_cache()
-    logits = _step(model, ids, mask, cache)
+    cache, logits = _prefill(run, [image_prefix(cfg, row) for row in codes.tolist()], image_prefix(cfg, []), guided)
     allowed = torch.tensor([*range(cfg.text_vocab), cfg.eot], device=device)
     out: list[list[int]] = [[] for _ in codes]
     done = torch.zeros(len(codes), dtype=torch.bool, device=device)
@@ -291,16 +299,14 @@ def greedy_captions(run: UnifiedRun, codes: torch.Tensor, guidance: float = 1.0)
             break
         for i in (~done).nonzero().flatten().tolist():
             out[i].append(int(token[i]))
-        step = (token.repeat(2) if guided else token)[:, None]
-        logits = _step(model, step, torch.ones_like(step, dtype=torch.bool), cache)
+        logits = _feed(run, token[:, None], guided, cache)
     return [run.decode_text(ids) for ids in out]
 
 
 @torch.no_grad()
 def caption_scores(run: UnifiedRun, codes: torch.Tensor, captions: list[list[int]]) -> torch.Tensor:
     """log p(caption <eot> | image) [B] under the model, for each image's codes [B, h*w] and caption ids."""
-    longest = max(map(len, captions))
-    texts = torch.tensor([c + [-1] * (longest - len(c)) for c in captions], dtype=torch.long)
+    texts = caption_rows(captions, max(map(len, captions)))
     none = torch.zeros(len(captions), dtype=torch.bool)
     ids, mask, target = (t.to(run.device) for t in training_batch(run.config, codes.cpu(), texts, none, none))
     logp = run.model(ids, mask)[:, :-1].float().log_softmax(-1)
@@ -354,7 +360,7 @@ def encode_captions(text: Any, captions: list[str], max_text: int, quiet: bool) 
     cut = sum(len(r) > max_text for r in rows)
     if cut:
         warn(f"{cut} caption(s) longer than {max_text} tokens were cut; raise --max-text to keep them", quiet)
-    return torch.tensor([r[:max_text] + [-1] * (max_text - len(r[:max_text])) for r in rows], dtype=torch.long)
+    return caption_rows(rows, max_text)
 
 
 def start_run(options: UnifiedOptions, out: Path, resume: bool, explicit: Collection[str], device: torch.device
